@@ -1,0 +1,218 @@
+"""Feature grids: where a model's pre-pool k x k grids come from, and how to read them.
+
+DRLoc needs, from the same forward pass that produces the logits, the spatial grid(s) of embeddings
+the classifier pools. We capture them with forward hooks on the modules that produce them:
+
+* timm models name their stage / block outputs in `feature_info` (`layers.3` for Swin, `blocks.11`
+  for ViT, `layer4` for ResNet, `stages.3` for ConvNeXt, ...). A hook on that module sees exactly the
+  tensor the rest of the network consumes, while the model's own `forward()` runs unchanged, so the
+  logits are bit-identical to `model(x)` by construction, whatever the model's forward does after the
+  grid (pooling, heads, distillation tokens, ...).
+* any `nn.Module` can be used by naming modules with `layers=[...]`.
+* `forward_intermediates()` + `forward_head()` is the fallback for a timm model whose feature_info
+  does not name a module that exists (it re-implements the forward per model, so hooks are preferred
+  where both are possible).
+
+A captured tensor can be laid out as NCHW (CNNs), NHWC (Swin and friends) or NLC tokens with N prefix
+tokens (class / distillation / register tokens of ViTs). The layout is detected once with a probe pass
+at wrap time (or given by the user) and every grid is turned into a (B, H, W, C) *view*, no copy.
+"""
+import math
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+LAYOUTS = ('NCHW', 'NHWC', 'NLC')
+
+
+@dataclass
+class GridSource:
+    """Where one grid comes from and how it is laid out.
+
+    Args:
+        name: module path inside the model (hook route), or `intermediates.<i>` (forward_intermediates route).
+        num_chs: channels C of the grid.
+        layout: 'NCHW', 'NHWC' or 'NLC' (tokens).
+        num_prefix_tokens: tokens before the grid tokens (NLC layout only).
+        grid_size: (H, W) of the grid seen in the probe pass.
+        input_size: (H, W) of the probe input, to scale the grid with the input for token layouts.
+    """
+    name: str
+    num_chs: int
+    layout: str
+    num_prefix_tokens: int
+    grid_size: Tuple[int, int]
+    input_size: Tuple[int, int]
+
+    @property
+    def reduction(self) -> float:
+        return self.input_size[0] / self.grid_size[0]
+
+
+def to_grid(x: torch.Tensor, source: GridSource, input_hw: Tuple[int, int]) -> torch.Tensor:
+    """View a captured feature tensor as a (B, H, W, C) grid, without copying.
+
+    Args:
+        x: NCHW (B, C, H, W), NHWC (B, H, W, C) or NLC (B, N + H * W, C) tensor, as `source.layout` says.
+        source: the GridSource describing x.
+        input_hw: (H, W) of the network input of this call, used to split NLC tokens into rows.
+
+    Returns:
+        (B, H, W, C) view of x.
+    """
+    if source.layout == 'NCHW':
+        return x.permute(0, 2, 3, 1)
+    if source.layout == 'NHWC':
+        return x
+    tokens = x[:, source.num_prefix_tokens:]  # B, H * W, C
+    height, width = token_grid_size(tokens.shape[1], source, input_hw)
+    return tokens.unflatten(1, (height, width))
+
+
+def token_grid_size(num_tokens: int, source: GridSource, input_hw: Tuple[int, int]) -> Tuple[int, int]:
+    """Rows and columns of `num_tokens` grid tokens produced from an input of size `input_hw`."""
+    probe_h, probe_w = source.grid_size
+    if (probe_h * probe_w) == num_tokens and tuple(input_hw) == tuple(source.input_size):
+        return probe_h, probe_w
+    red_h = source.input_size[0] / probe_h
+    red_w = source.input_size[1] / probe_w
+    for rnd in (math.floor, math.ceil):
+        h, w = int(rnd(input_hw[0] / red_h)), int(rnd(input_hw[1] / red_w))
+        if h * w == num_tokens:
+            return h, w
+    raise ValueError(
+        f"Cannot split {num_tokens} tokens of '{source.name}' into a grid for an input of {tuple(input_hw)} "
+        f"(the probe saw a {probe_h}x{probe_w} grid for {tuple(source.input_size)}). Pass layout='NCHW' or "
+        f"'NHWC' if this module does not output tokens, or name another module with layers=[...].")
+
+
+def find_layout(
+        shape: Sequence[int],
+        input_hw: Tuple[int, int],
+        num_chs: Optional[int] = None,
+        num_prefix_tokens: Optional[int] = None,
+        prefer: Optional[str] = None,
+) -> Tuple[str, int, Tuple[int, int]]:
+    """Guess the layout of a probe output from its shape.
+
+    Args:
+        shape: shape of the captured tensor, 4D (NCHW or NHWC) or 3D (NLC).
+        input_hw: (H, W) of the probe input.
+        num_chs: channels, when known (timm's feature_info), to tell NCHW from NHWC.
+        num_prefix_tokens: prefix tokens of a token layout, when known (timm's `num_prefix_tokens`).
+        prefer: 'NCHW' or 'NHWC' for a 4D shape that fits both (timm's `output_fmt`).
+
+    Returns:
+        (layout, num_prefix_tokens, (grid_h, grid_w))
+
+    Raises:
+        ValueError: the shape is not a spatial grid.
+    """
+    if len(shape) == 4:
+        _, a, b, c = shape
+        nchw_fits = _looks_spatial((b, c), input_hw) and (num_chs is None or a == num_chs)
+        nhwc_fits = _looks_spatial((a, b), input_hw) and (num_chs is None or c == num_chs)
+        if nchw_fits and nhwc_fits:
+            layout = prefer if prefer in ('NCHW', 'NHWC') else 'NCHW'
+        elif nchw_fits or nhwc_fits:
+            layout = 'NCHW' if nchw_fits else 'NHWC'
+        else:
+            raise ValueError(
+                f"Output of shape {tuple(shape)} for an input of {tuple(input_hw)} is not a spatial grid "
+                f"(neither NCHW nor NHWC fits). Pass layout='NCHW' or 'NHWC', or name another module with layers=[...].")
+        grid = (b, c) if layout == 'NCHW' else (a, b)
+        return layout, 0, grid
+    if len(shape) == 3:
+        length = shape[1]
+        if num_prefix_tokens is None:
+            num_prefix_tokens = _square_prefix(length)
+        spatial = length - num_prefix_tokens
+        ratio = input_hw[1] / input_hw[0]
+        h = round(math.sqrt(spatial / ratio)) if spatial > 0 else 0
+        w = spatial // h if h else 0
+        if h < 1 or h * w != spatial:
+            raise ValueError(
+                f"Tokens of shape {tuple(shape)} ({num_prefix_tokens} prefix tokens) do not form a grid for an "
+                f"input of {tuple(input_hw)}. Name a module that outputs a spatial grid with layers=[...].")
+        return 'NLC', num_prefix_tokens, (h, w)
+    raise ValueError(
+        f"Output of shape {tuple(shape)} has no spatial grid (need NCHW, NHWC or NLC tokens). "
+        f"Name a module that outputs a grid with layers=[...].")
+
+
+def _looks_spatial(hw: Tuple[int, int], input_hw: Tuple[int, int]) -> bool:
+    """True when (h, w) is the input size divided by one common stride (allowing padding / rounding)."""
+    h, w = hw
+    if h < 1 or w < 1 or h > input_hw[0] or w > input_hw[1]:
+        return False
+    stride = input_hw[0] / h
+    return abs(input_hw[1] / stride - w) <= 1 and stride >= 1
+
+
+def _square_prefix(length: int) -> int:
+    """Smallest number of prefix tokens that leaves a square number of grid tokens (ViTs with no attribute)."""
+    for prefix in range(0, min(length, 64)):
+        side = math.isqrt(length - prefix)
+        if side * side == length - prefix and side > 0:
+            return prefix
+    return 0
+
+
+def default_input_size(model: nn.Module) -> Tuple[int, int, int]:
+    """The (C, H, W) input a model expects: patch_embed's img_size where fixed, else its pretrained_cfg."""
+    from timm.data import resolve_model_data_config
+    in_chans = 3
+    patch_embed = getattr(model, 'patch_embed', None)
+    img_size = getattr(patch_embed, 'img_size', None)
+    try:
+        cfg_size = tuple(resolve_model_data_config(model)['input_size'])
+        in_chans = cfg_size[0]
+    except Exception:  # not a timm model: no pretrained_cfg
+        cfg_size = (3, 224, 224)
+    if img_size is not None:
+        return (in_chans, *tuple(img_size))
+    return cfg_size
+
+
+def feature_modules(model: nn.Module, multiscale: bool) -> List[Dict]:
+    """The feature_info entries DRLoc reads: the last one, or one per stride for `multiscale`.
+
+    Multi-scale keeps, for each output stride of 4 or more, the last entry with that stride (the stage
+    outputs of Swin, ConvNeXt, ResNet...); a stride-2 stem is not a stage.
+
+    Raises:
+        ValueError: the model has no feature_info, or multiscale on a model with a single stride (ViT).
+    """
+    info = getattr(model, 'feature_info', None)
+    if not info:
+        raise ValueError(
+            f"{type(model).__name__} has no timm feature_info to find its spatial grid. "
+            f"Name the module(s) that output the grid with layers=['module.path'].")
+    entries = [dict(e) for e in info]
+    if not multiscale:
+        return entries[-1:]
+    by_stride = {}
+    for e in entries:
+        if e.get('reduction', 0) >= 4:
+            by_stride[e['reduction']] = e
+    if len(by_stride) < 2:
+        raise ValueError(
+            f"multiscale=True needs a hierarchical model with stages at several strides, but "
+            f"{type(model).__name__} has features at stride(s) {sorted({e.get('reduction') for e in entries})} only. "
+            f"Use multiscale=False (one head on the last grid).")
+    return [by_stride[r] for r in sorted(by_stride)]
+
+
+def resolve_module(model: nn.Module, name: str) -> nn.Module:
+    """model.get_submodule(name) with an error listing close names."""
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        names = [n for n, _ in model.named_modules() if n]
+        head = name.split('.')[0]
+        close = [n for n in names if n.startswith(head)][:8] or names[:8]
+        raise ValueError(
+            f"layers: no module named '{name}' in {type(model).__name__}. "
+            f"Some module names it has: {close}. Name modules as model.named_modules() lists them.") from None

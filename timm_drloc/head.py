@@ -1,0 +1,178 @@
+"""DRLocHead: sample pairs of grid cells, predict their relative offset, return the DRLoc loss.
+
+For each image, m pairs of cells (i, j), (p, h) are drawn uniformly with replacement on the grid's own
+device. The two embeddings are gathered straight from the (B, H, W, C) view (no copy of the map, no
+host round-trip, no loop over the batch), concatenated and fed to a small MLP that predicts the
+offset (i - p, j - h): as two numbers (`l1`) or as one class per possible offset and axis (`ce`, `cbr`).
+"""
+from typing import Tuple
+
+import torch
+import torch.nn as nn
+
+from .losses import MODES, cbr_loss, ce_loss, l1_loss
+
+
+def sample_positions(batch: int, height: int, width: int, num_samples: int, device: torch.device) -> torch.Tensor:
+    """Draw 2 * num_samples cells per image, uniformly with replacement.
+
+    Returns:
+        (B, 2, M, 2) long tensor: [:, 0] the first cell of each pair, [:, 1] the second; last dim (row, col).
+    """
+    flat = torch.randint(0, height * width, (batch, 2, num_samples), device=device)
+    return torch.stack((flat // width, flat % width), dim=-1)
+
+
+def relative_targets(
+        pos_a: torch.Tensor,
+        pos_b: torch.Tensor,
+        grid_size: Tuple[int, int],
+        use_abs: bool = True,
+        normalize: bool = False,
+) -> torch.Tensor:
+    """Relative-offset targets of cell pairs on an H x W grid.
+
+    With `use_abs` the target of an axis of size k is |a - b| in [0, k - 1]; signed, it is a - b + k - 1
+    in [0, 2k - 2] (shifted so that it is also a class index). With `normalize` it is divided by k (the
+    paper's written formula, t = |a - b| / k); by default it stays in grid cells (the reference code's
+    scale, which the paper's lambda values were tuned for).
+
+    Args:
+        pos_a: (..., 2) long (row, col) of the first cells.
+        pos_b: (..., 2) long (row, col) of the second cells.
+        grid_size: (H, W).
+
+    Returns:
+        (..., 2) float32 targets (rows, cols).
+    """
+    size = torch.tensor(grid_size, device=pos_a.device)
+    delta = pos_a - pos_b
+    target = delta.abs() if use_abs else delta + (size - 1)
+    target = target.float()
+    return target / size if normalize else target
+
+
+def num_offsets(size: int, use_abs: bool) -> int:
+    """How many distinct offsets an axis of `size` cells has: k absolute, 2k - 1 signed."""
+    return size if use_abs else 2 * size - 1
+
+
+class DRLocHead(nn.Module):
+    """The DRLoc auxiliary head for one grid: pair sampling, offset MLP and loss.
+
+    Args:
+        in_dim: channels C of the grid.
+        grid_size: (H, W) of the largest grid the head will see; sets the classes of `ce` / `cbr`.
+        mode: 'l1' (regress the offset), 'ce' (classify it per axis), 'cbr' (cycle-back regression).
+        num_samples: pairs per image (m).
+        use_abs: absolute offsets (default, as the reference training) or signed ones.
+        normalize: divide offsets by the grid size (paper text) instead of raw cells (reference code).
+        hidden_dim: width of the MLP (reference: 512).
+
+    Example:
+        >>> head = DRLocHead(in_dim=192, grid_size=(7, 7))
+        >>> loss = head(torch.randn(8, 7, 7, 192))  # B, H, W, C
+    """
+
+    def __init__(
+            self,
+            in_dim: int,
+            grid_size: Tuple[int, int],
+            mode: str = 'l1',
+            num_samples: int = 64,
+            use_abs: bool = True,
+            normalize: bool = False,
+            hidden_dim: int = 512,
+    ):
+        super().__init__()
+        check_head_args(mode, num_samples, hidden_dim, normalize)
+        check_grid_size(grid_size)
+        self.mode = mode
+        self.num_samples = num_samples
+        self.use_abs = use_abs
+        self.normalize = normalize
+        self.grid_size = tuple(grid_size)
+        out_dim = 2 if mode == 'l1' else hidden_dim
+        self.mlp = nn.Sequential(
+            nn.Linear(2 * in_dim, hidden_dim),
+            nn.ReLU(),
+            nn.Linear(hidden_dim, hidden_dim),
+            nn.ReLU(),
+            nn.Linear(hidden_dim, out_dim),
+        )
+        if mode == 'l1':
+            self.axis_heads = None
+        else:
+            self.axis_heads = nn.ModuleList([
+                nn.Linear(hidden_dim, num_offsets(size, use_abs)) for size in self.grid_size])
+
+    def forward(self, grid: torch.Tensor) -> torch.Tensor:
+        """DRLoc loss of one grid.
+
+        Args:
+            grid: (B, H, W, C) features, any strides (a permuted NCHW map is fine).
+
+        Returns:
+            float32 scalar loss, averaged over pairs and batch.
+        """
+        batch, height, width, _ = grid.shape
+        self._check_runtime_grid(height, width)
+        pos = sample_positions(batch, height, width, self.num_samples, grid.device)  # B, 2, M, 2
+        batch_idx = torch.arange(batch, device=grid.device).view(batch, 1, 1)
+        cells = grid[batch_idx, pos[..., 0], pos[..., 1]]  # B, 2, M, C
+        pairs = torch.cat((cells[:, 0], cells[:, 1]), dim=-1)  # B, M, 2C
+        target = relative_targets(pos[:, 0], pos[:, 1], (height, width), self.use_abs, self.normalize)
+        out = self.mlp(pairs)  # B, M, 2 | B, M, hidden
+        with torch.autocast(device_type=grid.device.type, enabled=False):
+            return self.loss(out, target, (height, width))
+
+    def loss(self, out: torch.Tensor, target: torch.Tensor, grid_size: Tuple[int, int]) -> torch.Tensor:
+        """Loss of the MLP output `out` (B, M, 2 | B, M, hidden) against targets (B, M, 2), in float32."""
+        if self.mode == 'l1':
+            return l1_loss(out, target)
+        out = out.float()
+        logits = tuple(
+            head(out)[..., :num_offsets(size, self.use_abs)]  # the grid may be smaller than the largest one
+            for head, size in zip(self.axis_heads, grid_size))
+        if self.mode == 'ce':
+            return ce_loss(logits, target)
+        offsets = tuple(
+            torch.arange(num_offsets(size, self.use_abs), device=out.device, dtype=torch.float32)
+            / (size if self.normalize else 1)
+            for size in grid_size)
+        return cbr_loss(logits, target, offsets)
+
+    def _check_runtime_grid(self, height: int, width: int) -> None:
+        check_grid_size((height, width))
+        if self.axis_heads is not None and (height > self.grid_size[0] or width > self.grid_size[1]):
+            raise ValueError(
+                f"A {height}x{width} grid is larger than the {self.grid_size[0]}x{self.grid_size[1]} grid this "
+                f"'{self.mode}' head has offset classes for. Wrap the model with the largest input size "
+                f"(input_size=...) or use mode='l1'.")
+
+    def extra_repr(self) -> str:
+        return (f"mode={self.mode}, num_samples={self.num_samples}, use_abs={self.use_abs}, "
+                f"normalize={self.normalize}, grid_size={self.grid_size}")
+
+
+def check_head_args(mode: str, num_samples: int, hidden_dim: int, normalize: bool) -> None:
+    """Reject head settings that cannot work, naming the value and the fix."""
+    if mode not in MODES:
+        raise ValueError(f"Unknown DRLoc mode '{mode}'. Use one of {', '.join(MODES)}.")
+    if not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_samples must be an integer >= 1 (pairs per image), got {num_samples!r}. The reference uses 64.")
+    if not isinstance(hidden_dim, int) or hidden_dim < 1:
+        raise ValueError(f"hidden_dim must be an integer >= 1, got {hidden_dim!r}. The reference uses 512.")
+    if normalize and mode == 'ce':
+        raise ValueError(
+            "normalize=True has no meaning with mode='ce': its targets are offset classes, not values. "
+            "Use normalize=False, or mode='l1' / 'cbr'.")
+
+
+def check_grid_size(grid_size: Tuple[int, int]) -> None:
+    """A grid needs at least two cells to have relative positions to learn."""
+    height, width = grid_size
+    if height * width < 2:
+        raise ValueError(
+            f"The feature grid is {height}x{width}: a single cell has no relative position to localize. "
+            f"Use a larger input size (more cells at the final stride) or read an earlier stage with layers=[...].")

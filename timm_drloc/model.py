@@ -1,0 +1,315 @@
+"""DRLocModel: a timm (or any) model plus DRLoc heads, one backbone pass for logits and grids.
+
+`wrap(model)` returns a DRLocModel. In train mode it returns `DRLocOutput(logits, drloc_loss)`; in eval
+mode exactly `model(x)`. The original model object is kept untouched as `.model`, so its state_dict
+keys do not change; `unwrap()` gets it back through DRLocModel, DDP and torch.compile wrappers.
+"""
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+
+from .grids import (
+    LAYOUTS, GridSource, default_input_size, feature_modules, find_layout, resolve_module, to_grid)
+from .head import DRLocHead, check_grid_size, check_head_args
+
+
+# backbone attributes that training code reads from the module it trains
+_PASSTHROUGH = (
+    'pretrained_cfg', 'default_cfg', 'num_classes', 'num_features', 'head_hidden_size',
+    'set_grad_checkpointing', 'get_classifier', 'reset_classifier')
+
+
+class DRLocOutput(NamedTuple):
+    """What a DRLocModel returns in train mode: `logits, drloc_loss = drloc(x)`."""
+    logits: torch.Tensor
+    drloc_loss: torch.Tensor
+
+
+class GridCapture:
+    """Forward hook that keeps a module's output while a DRLocModel forward is running."""
+
+    def __init__(self):
+        self.active = False
+        self.output: Optional[torch.Tensor] = None
+
+    def start(self) -> None:
+        self.active, self.output = True, None
+
+    def stop(self) -> Optional[torch.Tensor]:
+        output, self.active, self.output = self.output, False, None
+        return output
+
+    def __call__(self, module: nn.Module, args, output) -> None:
+        if self.active:  # not in eval forwards, nor in activation-checkpointing recomputation
+            self.output = output[0] if isinstance(output, (tuple, list)) else output
+
+
+class DRLocModel(nn.Module):
+    """A model whose forward also returns the DRLoc loss of its spatial grid(s).
+
+    Build it with `timm_drloc.wrap()`. Grids are read with forward hooks on the modules that output
+    them (see grids.py), so the model's own forward runs once and its logits are unchanged.
+
+    Args:
+        model: the backbone (any timm model, or any nn.Module with `layers` named).
+        sources: where each grid comes from (one DRLocHead per source).
+        heads: the DRLoc heads, one per source.
+        route: 'hooks' or 'intermediates'.
+    """
+
+    def __init__(self, model: nn.Module, sources: Sequence[GridSource], heads: Sequence[DRLocHead], route: str):
+        super().__init__()
+        self.model = model
+        self.heads = nn.ModuleList(heads)
+        self.sources = list(sources)
+        self.route = route
+        # one capture object per hooked module; deepcopy (EMA) copies them together with the model's hooks
+        self._captures = [GridCapture() for _ in self.sources] if route == 'hooks' else []
+        self._hook_handles = [
+            model.get_submodule(source.name).register_forward_hook(capture)
+            for source, capture in zip(self.sources, self._captures)]
+
+    def forward(self, x: torch.Tensor) -> Union[DRLocOutput, torch.Tensor]:
+        """x: (B, C, H, W) images. Train mode: DRLocOutput(logits, drloc_loss); eval mode: logits."""
+        if not self.training:
+            return self.model(x)
+        logits, features = self.forward_with_grids(x)
+        input_hw = tuple(x.shape[-2:])
+        loss = sum(
+            head(to_grid(feat, source, input_hw))
+            for head, source, feat in zip(self.heads, self.sources, features))
+        return DRLocOutput(logits, loss)
+
+    def forward_with_grids(self, x: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """One backbone pass: the logits and the raw captured features, one per source."""
+        if self.route == 'intermediates':
+            indices = [int(s.name.split('.')[-1]) for s in self.sources]
+            final, features = self.model.forward_intermediates(x, indices=indices, norm=False)
+            return self.model.forward_head(final), list(features)
+        for capture in self._captures:
+            capture.start()
+        try:
+            logits = self.model(x)
+        finally:
+            features = [capture.stop() for capture in self._captures]
+        missing = [s.name for s, f in zip(self.sources, features) if f is None]
+        if missing:
+            raise RuntimeError(f"The forward pass did not run module(s) {missing}: no grid to read.")
+        return logits, features
+
+    # timm optimizer hooks: parameter names gain the 'model.' prefix, the heads train like the classifier
+    def no_weight_decay(self):
+        inner = getattr(self.model, 'no_weight_decay', None)
+        return {f'model.{n}' for n in inner()} if inner is not None else set()
+
+    def group_matcher(self, coarse: bool = False):
+        inner = getattr(self.model, 'group_matcher', None)
+        if inner is None:
+            raise AttributeError(f"{type(self.model).__name__} has no group_matcher")
+        return _prefix_matcher(inner(coarse=coarse), 'model.')
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name not in _PASSTHROUGH:
+                raise
+            return getattr(self._modules['model'], name)
+
+    def remove_hooks(self) -> None:
+        """Detach the grid hooks from the backbone (the DRLocModel cannot train after this)."""
+        for handle in self._hook_handles:
+            handle.remove()
+        self._hook_handles = []
+
+
+def _prefix_matcher(matcher, prefix: str):
+    """Re-anchor timm group_matcher regexes at `prefix` (the backbone is `.model` inside DRLocModel)."""
+    import re
+    escaped = re.escape(prefix)
+
+    def fix(pattern):
+        if isinstance(pattern, str):
+            body = re.sub(r'(^|(?<=[|(]))\^', '', pattern)
+            return f'^{escaped}(?:{body})'
+        if isinstance(pattern, (list, tuple)):
+            return type(pattern)(
+                (fix(p[0]), *p[1:]) if isinstance(p, (list, tuple)) else fix(p) for p in pattern)
+        return pattern
+    if callable(matcher):
+        return lambda name: matcher(name[len(prefix):]) if name.startswith(prefix) else matcher(name)
+    return {k: fix(v) for k, v in matcher.items()}
+
+
+def wrap(
+        model: nn.Module,
+        *,
+        mode: str = 'l1',
+        num_samples: int = 64,
+        multiscale: bool = False,
+        use_abs: bool = True,
+        normalize: bool = False,
+        hidden_dim: int = 512,
+        layers: Optional[Sequence[str]] = None,
+        layout: Optional[str] = None,
+        input_size: Optional[Sequence[int]] = None,
+) -> DRLocModel:
+    """Add DRLoc heads to a model.
+
+    Args:
+        model: a timm model, or any nn.Module when `layers` names the grid module(s).
+        mode: 'l1' (paper), 'ce' or 'cbr'.
+        num_samples: pairs of cells per image (reference: 64).
+        multiscale: one head per stage of a hierarchical model (Swin, ConvNeXt, ResNet, ...).
+        use_abs: absolute offsets (reference training) or signed ones.
+        normalize: targets divided by the grid size (the paper's text); lambda must then be about k times larger.
+        hidden_dim: MLP width (reference 512; smaller for tiny models).
+        layers: module paths (as `named_modules()` lists them) whose outputs are the grids.
+        layout: 'NCHW', 'NHWC' or 'NLC' for the `layers` outputs, when detection is ambiguous.
+        input_size: (C, H, W) for the probe pass that finds the grids; default: the model's own input size.
+
+    Returns:
+        DRLocModel: train mode -> DRLocOutput(logits, drloc_loss), eval mode -> logits.
+
+    Example:
+        >>> model = timm.create_model('vit_tiny_patch16_224', img_size=64, num_classes=10)
+        >>> drloc = timm_drloc.wrap(model)
+        >>> logits, drloc_loss = drloc(images)
+        >>> loss = F.cross_entropy(logits, labels) + 0.5 * drloc_loss
+    """
+    if isinstance(unwrap_once(model), DRLocModel) or isinstance(model, DRLocModel):
+        raise ValueError("This model is already wrapped by timm_drloc.wrap(); wrap the plain model once "
+                         "(timm_drloc.unwrap(m) gives it back).")
+    check_head_args(mode, num_samples, hidden_dim, normalize)
+    if layout is not None and layout not in LAYOUTS:
+        raise ValueError(f"Unknown layout '{layout}'. Use one of {', '.join(LAYOUTS)}.")
+    if layers is not None and multiscale:
+        raise ValueError("multiscale=True picks the stages itself; with layers=[...] name each grid module instead.")
+    input_size = tuple(input_size) if input_size is not None else default_input_size(model)
+    if len(input_size) != 3:
+        raise ValueError(f"input_size must be (C, H, W), got {input_size}.")
+    sources, route = probe_grids(model, input_size, multiscale=multiscale, layers=layers, layout=layout)
+    heads = [
+        DRLocHead(s.num_chs, s.grid_size, mode=mode, num_samples=num_samples, use_abs=use_abs,
+                  normalize=normalize, hidden_dim=hidden_dim)
+        for s in sources]
+    param = next(model.parameters(), None)
+    if param is not None:
+        heads = [h.to(device=param.device) for h in heads]
+    return DRLocModel(model, sources, heads, route)
+
+
+def probe_grids(
+        model: nn.Module,
+        input_size: Tuple[int, int, int],
+        multiscale: bool = False,
+        layers: Optional[Sequence[str]] = None,
+        layout: Optional[str] = None,
+) -> Tuple[List[GridSource], str]:
+    """Find the grid source(s) with one no-grad pass in eval mode on a zero input of `input_size`.
+
+    Returns:
+        (sources, route): the GridSource of each grid, and 'hooks' or 'intermediates'.
+    """
+    if layers is not None:
+        if isinstance(layers, str):
+            layers = [layers]
+        names, hints, route = list(layers), [{} for _ in layers], 'hooks'
+        for name in names:
+            resolve_module(model, name)
+    else:
+        entries = feature_modules(model, multiscale)
+        names = [e['module'] for e in entries]
+        hints = entries
+        route = 'hooks' if all(_has_module(model, n) for n in names) else 'intermediates'
+        if route == 'intermediates':
+            if not hasattr(model, 'forward_intermediates'):
+                raise ValueError(
+                    f"{type(model).__name__}: feature_info names {names}, which are not modules, and there is no "
+                    f"forward_intermediates(). Name the grid module(s) with layers=[...].")
+            all_names = [e['module'] for e in model.feature_info]
+            names = [f'intermediates.{all_names.index(n)}' for n in names]
+
+    outputs = _probe_outputs(model, input_size, names, route)
+    prefix_hint = getattr(model, 'num_prefix_tokens', None)
+    prefer = layout or getattr(model, 'output_fmt', None)
+    sources = []
+    for name, out, hint in zip(names, outputs, hints):
+        if route == 'intermediates':
+            found = ('NCHW', 0, tuple(out.shape[-2:]))
+        elif layout is not None and layout != 'NLC' and out.ndim == 4:
+            found = (layout, 0, tuple(out.shape[1:3] if layout == 'NHWC' else out.shape[2:4]))
+        else:
+            found = find_layout(out.shape, input_size[1:], hint.get('num_chs'), prefix_hint, prefer)
+        grid_layout, prefix, grid_size = found
+        num_chs = out.shape[1] if grid_layout == 'NCHW' else out.shape[-1]
+        check_grid_size(grid_size)
+        sources.append(GridSource(name, int(num_chs), grid_layout, prefix, tuple(grid_size), tuple(input_size[1:])))
+    return sources, route
+
+
+def _has_module(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+        return True
+    except AttributeError:
+        return False
+
+
+def _probe_outputs(model: nn.Module, input_size, names: Sequence[str], route: str) -> List[torch.Tensor]:
+    """Run the model once (eval, no grad) and return the output of each named grid source."""
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device('cpu')
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    x = torch.zeros(1, *input_size, device=device, dtype=dtype)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            if route == 'intermediates':
+                indices = [int(n.split('.')[-1]) for n in names]
+                _, feats = model.forward_intermediates(x, indices=indices, norm=False)
+                return list(feats)
+            captured = {}
+            handles = [
+                model.get_submodule(n).register_forward_hook(
+                    lambda m, a, o, n=n: captured.setdefault(n, o[0] if isinstance(o, (tuple, list)) else o))
+                for n in names]
+            try:
+                model(x)
+            finally:
+                for h in handles:
+                    h.remove()
+    except ValueError:
+        raise
+    except Exception as e:
+        raise ValueError(
+            f"The probe pass of {type(model).__name__} on an input of {tuple(input_size)} failed ({e}). "
+            f"Pass the input size the model is used with: input_size=(C, H, W).") from e
+    finally:
+        model.train(was_training)
+    missing = [n for n in names if n not in captured]
+    if missing:
+        raise ValueError(f"Module(s) {missing} did not run in {type(model).__name__}'s forward: no grid to read there.")
+    return [captured[n] for n in names]
+
+
+def unwrap_once(m: nn.Module) -> nn.Module:
+    """Strip one DDP / DataParallel / torch.compile wrapper, if any."""
+    if hasattr(m, '_orig_mod'):
+        return m._orig_mod
+    if isinstance(m, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        return m.module
+    return m
+
+
+def unwrap(m: nn.Module) -> nn.Module:
+    """The original model inside DRLocModel, DDP, DataParallel and torch.compile wrappers, in any nesting."""
+    while True:
+        inner = unwrap_once(m)
+        if isinstance(inner, DRLocModel):
+            inner = inner.model
+        if inner is m:
+            return m
+        m = inner
