@@ -1,0 +1,45 @@
+"""The `timm-drloc` command: `train`, `demo`, `plot` and `export` subcommands.
+
+Each subcommand lives in the module named after it and is imported only when used.
+"""
+import importlib
+import sys
+from typing import List, Optional
+
+# subcommand -> (module, function taking argv, one-line help)
+COMMANDS = {
+    'train': ('timm_drloc.train', 'main', "train a timm model with DRLoc (train_drloc.py's flags)"),
+    'demo': ('timm_drloc.demo', 'main', 'digits demo: the same ViT trained with and without DRLoc'),
+    'plot': ('timm_drloc.plot', 'main', "plot summary.csv curves of experiment folders to a PNG"),
+    'export': ('timm_drloc.hub', 'export_main', "export a checkpoint to a folder in timm's Hub format"),
+}
+
+
+def usage() -> str:
+    lines = ['usage: timm-drloc COMMAND [ARGS...]', '', 'commands:']
+    lines += [f'  {name:<8} {help_}' for name, (_, _, help_) in COMMANDS.items()]
+    lines += ['', 'Run `timm-drloc COMMAND --help` for the arguments of one command.']
+    return '\n'.join(lines)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ('-h', '--help'):
+        print(usage())
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"timm-drloc: unknown command '{name}'.\n\n{usage()}", file=sys.stderr)
+        return 2
+    module_name, func_name, _ = COMMANDS[name]
+    func = getattr(importlib.import_module(module_name), func_name)
+    if name == 'train':
+        sys.argv = ['timm-drloc train', *rest]  # train.py-style main() reads sys.argv
+        result = func()
+    else:
+        result = func(rest)
+    return int(result or 0)
+
+
+if __name__ == '__main__':
+    sys.exit(main())
