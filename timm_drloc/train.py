@@ -1,0 +1,1462 @@
+"""train_drloc: timm's image classification training with the DRLoc auxiliary loss.
+
+Every flag of timm's `train.py` is accepted with its name, default and meaning, and the run writes the
+same output folder (args.yaml, summary.csv, last/checkpoint-N/model_best/milestone-N .pth.tar). The
+`--drloc-*` flags add the DRLoc loss; with `--drloc-lambda 0` (the default) the run is timm's plain
+classification training. The script is built from timm's library pieces (data, loaders, mixup,
+optimizers, schedulers, EMA, AMP scaler, checkpoint saver, distributed helpers, training tasks).
+
+    python train_drloc.py /data --model swin_tiny_patch4_window7_224 --drloc-lambda 0.5
+    torchrun --nproc_per_node 2 train_drloc.py --data-dir /data --model vit_small_patch16_224 --drloc-lambda 0.1
+
+Module-level names follow timm's train.py (`parser`, `config_parser`, `_parse_args`, `main`,
+`create_model`), so sweeps and tests written for train.py run against this module unchanged.
+"""
+import argparse
+import copy
+import csv
+import importlib
+import json
+import logging
+import math
+import os
+import sys
+import time
+from collections import OrderedDict
+from contextlib import suppress
+from datetime import datetime
+from functools import partial
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import yaml
+
+from timm import utils
+from timm.data import AugMixDataset, FastCollateMixup, Mixup, create_dataset, create_loader, resolve_data_config
+from timm.layers import convert_splitbn_model, convert_sync_batchnorm, set_fast_norm
+from timm.loss import BinaryCrossEntropy, JsdCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.models import create_model, safe_model_name
+from timm.optim import create_optimizer_v2, optimizer_kwargs
+from timm.scheduler import create_scheduler_v2, scheduler_kwargs
+from timm.task import (
+    ClassificationTask, FeatureDistillationTask, LogitDistillationTask, TokenDistillationTask,
+    load_task_ema_checkpoint, resume_task_checkpoint,
+)
+from timm.task.evaluator import evaluation_sample_limit
+from timm.utils import NativeScaler, load_checkpoint_metadata
+
+try:
+    import wandb
+    has_wandb = True
+except ImportError:
+    has_wandb = False
+
+try:
+    from tqdm import tqdm
+    has_tqdm = True
+except ImportError:
+    has_tqdm = False
+
+_logger = logging.getLogger('train_drloc')
+
+CHECKPOINT_EXT = '.pth.tar'
+DRLOC_MODES = ('l1', 'ce', 'cbr')
+
+
+class ConfigError(ValueError):
+    """A flag, config value or input that cannot work; raised before any training step runs."""
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss term became NaN or Inf; training stops, the checkpoints already written stay as they are."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Command line: the -c/--config pre-parser, then the main parser (timm train.py flags + --drloc-* flags)
+# ---------------------------------------------------------------------------------------------------------
+
+config_parser = argparse.ArgumentParser(description='Training config file', add_help=False)
+config_parser.add_argument('-c', '--config', default='', type=str, metavar='FILE',
+                           help='YAML file of flag values, used as defaults (command-line flags win)')
+
+parser = argparse.ArgumentParser(description='timm image classification training with the DRLoc auxiliary loss')
+parser.add_argument('data', nargs='?', metavar='DIR', const=None,
+                    help='dataset root (positional form kept for old commands; prefer --data-dir)')
+
+group = parser.add_argument_group('Dataset parameters')
+group.add_argument('--data-dir', metavar='DIR', help='dataset root folder')
+group.add_argument('--dataset', metavar='NAME', default='',
+                   help='"<type>/<name>" for timm dataset readers; empty = image folder or tar')
+group.add_argument('--train-split', metavar='NAME', default='train', help='split used for training')
+group.add_argument('--val-split', metavar='NAME', default='validation', help='split used for evaluation')
+group.add_argument('--train-num-samples', default=None, type=int, metavar='N',
+                   help='train split size, for iterable datasets that cannot tell it')
+group.add_argument('--val-num-samples', default=None, type=int, metavar='N',
+                   help='validation split size, for iterable datasets that cannot tell it')
+group.add_argument('--dataset-download', action='store_true', default=False,
+                   help='let torch/ and tfds/ datasets download themselves')
+group.add_argument('--class-map', default='', type=str, metavar='FILENAME', help='class name -> index file')
+group.add_argument('--input-img-mode', default=None, type=str, help='PIL mode images are converted to')
+group.add_argument('--input-key', default=None, type=str, help='record key of the image')
+group.add_argument('--target-key', default=None, type=str, help='record key of the label')
+group.add_argument('--dataset-trust-remote-code', action='store_true', default=False,
+                   help='allow Hugging Face datasets to run the code shipped in their repository')
+
+group = parser.add_argument_group('Model parameters')
+group.add_argument('--model', default='resnet50', type=str, metavar='MODEL', help='timm model name')
+group.add_argument('--pretrained', action='store_true', default=False, help='start from pretrained weights')
+group.add_argument('--pretrained-path', default=None, type=str,
+                   help='checkpoint loaded as the pretrained weights (the classifier is adapted)')
+group.add_argument('--initial-checkpoint', default='', type=str, metavar='PATH',
+                   help='weights loaded into the model after it is built')
+group.add_argument('--resume', default='', type=str, metavar='PATH',
+                   help='checkpoint to continue from (model, DRLoc heads, optimizer, epoch); "auto" continues '
+                        'in place from last.pth.tar of --experiment')
+group.add_argument('--no-resume-opt', action='store_true', default=False,
+                   help='on --resume, keep a fresh optimizer and loss scaler')
+group.add_argument('--num-classes', type=int, default=None, metavar='N', help='classes (model default if unset)')
+group.add_argument('--gp', default=None, type=str, metavar='POOL', help='global pool type (model default if unset)')
+group.add_argument('--img-size', type=int, default=None, metavar='N', help='square input size')
+group.add_argument('--in-chans', type=int, default=None, metavar='N', help='input channels (default 3)')
+group.add_argument('--input-size', default=None, nargs=3, type=int, metavar='N', help='input as C H W')
+group.add_argument('--crop-pct', default=None, type=float, metavar='N', help='center crop fraction for eval')
+group.add_argument('--mean', type=float, nargs='+', default=None, metavar='MEAN', help='per-channel mean')
+group.add_argument('--std', type=float, nargs='+', default=None, metavar='STD', help='per-channel std')
+group.add_argument('--interpolation', default='', type=str, metavar='NAME', help='resize interpolation')
+group.add_argument('-b', '--batch-size', type=int, default=128, metavar='N', help='train batch size per process')
+group.add_argument('-vb', '--validation-batch-size', type=int, default=None, metavar='N',
+                   help='eval batch size (default: --batch-size)')
+group.add_argument('--channels-last', action='store_true', default=False, help='channels-last memory format')
+group.add_argument('--fuser', default='', type=str, help="TorchScript fuser: '', 'te', 'old' or 'nvfuser'")
+group.add_argument('--grad-accum-steps', type=int, default=1, metavar='N', help='batches per optimizer update')
+group.add_argument('--grad-checkpointing', action='store_true', default=False,
+                   help='recompute block activations in backward to save memory')
+group.add_argument('--fast-norm', default=False, action='store_true', help="timm's experimental fast norm layers")
+group.add_argument('--model-kwargs', nargs='*', default={}, action=utils.ParseKwargs,
+                   help='extra create_model arguments, key=value')
+group.add_argument('--head-init-scale', default=None, type=float, help='multiply the classifier init by this')
+group.add_argument('--head-init-bias', default=None, type=float, help='set the classifier bias to this')
+group.add_argument('--torchcompile-mode', type=str, default=None, help='torch.compile mode')
+scripting_group = group.add_mutually_exclusive_group()
+scripting_group.add_argument('--torchscript', dest='torchscript', action='store_true',
+                             help='TorchScript the model (not possible with DRLoc)')
+scripting_group.add_argument('--torchcompile', nargs='?', type=str, default=None, const='inductor',
+                             help='torch.compile with this backend (inductor when given bare)')
+
+group = parser.add_argument_group('Device parameters')
+group.add_argument('--device', default='cuda', type=str, help='device type, e.g. cuda, cpu, npu')
+group.add_argument('--amp', action='store_true', default=False, help='automatic mixed precision')
+group.add_argument('--amp-dtype', default='float16', type=str, help='AMP dtype: float16 or bfloat16')
+group.add_argument('--model-dtype', default=None, type=str, help='model dtype without AMP (default float32)')
+group.add_argument('--no-ddp-bb', action='store_true', default=False, help='DDP without buffer broadcast')
+group.add_argument('--synchronize-step', action='store_true', default=False,
+                   help='synchronize the device after every step (for timing)')
+group.add_argument('--local_rank', default=0, type=int, help='set by old launchers; torchrun uses LOCAL_RANK')
+group.add_argument('--device-modules', default=None, type=str, nargs='+',
+                   help='modules imported first to register a device backend')
+
+group = parser.add_argument_group('Optimizer parameters')
+group.add_argument('--opt', default='sgd', type=str, metavar='OPTIMIZER', help='timm optimizer name')
+group.add_argument('--opt-eps', default=None, type=float, metavar='EPSILON', help='optimizer epsilon')
+group.add_argument('--opt-betas', default=None, type=float, nargs='+', metavar='BETA', help='optimizer betas')
+group.add_argument('--momentum', type=float, default=0.9, metavar='M', help='optimizer momentum')
+group.add_argument('--weight-decay', type=float, default=2e-5, help='weight decay')
+group.add_argument('--clip-grad', type=float, default=None, metavar='NORM', help='gradient clipping threshold')
+group.add_argument('--clip-mode', type=str, default='norm', help='clipping mode: norm, value or agc')
+group.add_argument('--layer-decay', type=float, default=None, help='layer-wise learning rate decay')
+group.add_argument('--layer-decay-min-scale', type=float, default=0, help='lower bound of the layer-wise scale')
+group.add_argument('--layer-decay-no-opt-scale', type=float, default=None,
+                   help='layers whose scale falls below this are frozen')
+group.add_argument('--opt-kwargs', nargs='*', default={}, action=utils.ParseKwargs,
+                   help='extra optimizer arguments, key=value')
+
+group = parser.add_argument_group('Learning rate schedule parameters')
+group.add_argument('--sched', type=str, default='cosine', metavar='SCHEDULER', help='timm scheduler name')
+group.add_argument('--sched-on-updates', action='store_true', default=False,
+                   help='step the scheduler every update instead of every epoch')
+group.add_argument('--lr', type=float, default=None, metavar='LR', help='learning rate (wins over --lr-base)')
+group.add_argument('--lr-base', type=float, default=0.1, metavar='LR',
+                   help='learning rate at --lr-base-size global batch, scaled to the real batch')
+group.add_argument('--lr-base-size', type=int, default=256, metavar='DIV', help='batch size of --lr-base')
+group.add_argument('--lr-base-scale', type=str, default='', metavar='SCALE',
+                   help='batch scaling rule: linear or sqrt (empty: from the optimizer)')
+group.add_argument('--lr-noise', type=float, nargs='+', default=None, metavar='pct, pct',
+                   help='epoch fractions where learning rate noise is on')
+group.add_argument('--lr-noise-pct', type=float, default=0.67, metavar='PERCENT', help='noise limit')
+group.add_argument('--lr-noise-std', type=float, default=1.0, metavar='STDDEV', help='noise std')
+group.add_argument('--lr-cycle-mul', type=float, default=1.0, metavar='MULT', help='cycle length multiplier')
+group.add_argument('--lr-cycle-decay', type=float, default=0.5, metavar='MULT', help='decay per cycle')
+group.add_argument('--lr-cycle-limit', type=int, default=1, metavar='N', help='number of cycles')
+group.add_argument('--lr-k-decay', type=float, default=1.0, help='k-decay for cosine / poly')
+group.add_argument('--warmup-lr', type=float, default=1e-5, metavar='LR', help='learning rate warm-up starts at')
+group.add_argument('--min-lr', type=float, default=0, metavar='LR', help='lowest learning rate of the schedule')
+group.add_argument('--epochs', type=int, default=300, metavar='N', help='epochs to train')
+group.add_argument('--epoch-repeats', type=float, default=0., metavar='N', help='dataset passes per epoch')
+group.add_argument('--start-epoch', default=None, type=int, metavar='N', help='first epoch (wins over --resume)')
+group.add_argument('--decay-milestones', default=[90, 180, 270], type=int, nargs='+', metavar='MILESTONES',
+                   help='increasing epochs of a multistep decay')
+group.add_argument('--decay-epochs', type=float, default=90, metavar='N', help='step decay interval')
+group.add_argument('--warmup-epochs', type=int, default=5, metavar='N', help='learning rate warm-up epochs')
+group.add_argument('--warmup-prefix', action='store_true', default=False,
+                   help='warm-up comes before, not inside, the decay schedule')
+group.add_argument('--cooldown-epochs', type=int, default=0, metavar='N', help='epochs at min-lr after the schedule')
+group.add_argument('--patience-epochs', type=int, default=10, metavar='N', help='plateau scheduler patience')
+group.add_argument('--decay-rate', '--dr', type=float, default=0.1, metavar='RATE', help='decay factor')
+
+group = parser.add_argument_group('Augmentation and regularization parameters')
+group.add_argument('--no-aug', action='store_true', default=False, help='no train augmentation at all')
+group.add_argument('--train-crop-mode', type=str, default=None, help='train crop mode')
+group.add_argument('--scale', type=float, nargs='+', default=[0.08, 1.0], metavar='PCT',
+                   help='random resized crop area range')
+group.add_argument('--ratio', type=float, nargs='+', default=[3. / 4., 4. / 3.], metavar='RATIO',
+                   help='random resized crop aspect range')
+group.add_argument('--hflip', type=float, default=0.5, help='horizontal flip probability')
+group.add_argument('--vflip', type=float, default=0., help='vertical flip probability')
+group.add_argument('--color-jitter', type=float, default=0.4, metavar='PCT', help='color jitter strength')
+group.add_argument('--color-jitter-prob', type=float, default=None, metavar='PCT', help='color jitter probability')
+group.add_argument('--grayscale-prob', type=float, default=None, metavar='PCT', help='grayscale probability')
+group.add_argument('--gaussian-blur-prob', type=float, default=None, metavar='PCT', help='blur probability')
+group.add_argument('--aa', type=str, default=None, metavar='NAME', help='auto-augment policy')
+group.add_argument('--aug-repeats', type=float, default=0, help='repeated augmentation count (distributed)')
+group.add_argument('--aug-splits', type=int, default=0, help='augmentation splits (0, or >= 2)')
+group.add_argument('--jsd-loss', action='store_true', default=False, help='Jensen-Shannon + CE (needs --aug-splits)')
+group.add_argument('--bce-loss', action='store_true', default=False, help='binary cross-entropy loss')
+group.add_argument('--bce-sum', action='store_true', default=False, help='sum BCE over classes')
+group.add_argument('--bce-target-thresh', type=float, default=None, help='binarize soft BCE targets at this')
+group.add_argument('--bce-pos-weight', type=float, default=None, help='BCE positive weight')
+group.add_argument('--reprob', type=float, default=0., metavar='PCT', help='random erasing probability')
+group.add_argument('--remode', type=str, default='pixel', help='random erasing mode')
+group.add_argument('--recount', type=int, default=1, help='random erasing count')
+group.add_argument('--resplit', action='store_true', default=False, help='no random erasing on the clean split')
+group.add_argument('--mixup', type=float, default=0.0, help='mixup alpha (on when > 0)')
+group.add_argument('--cutmix', type=float, default=0.0, help='cutmix alpha (on when > 0)')
+group.add_argument('--cutmix-minmax', type=float, nargs='+', default=None, help='cutmix box ratio range')
+group.add_argument('--mixup-prob', type=float, default=1.0, help='probability of mixing a batch')
+group.add_argument('--mixup-switch-prob', type=float, default=0.5, help='probability of cutmix when both are on')
+group.add_argument('--mixup-mode', type=str, default='batch', help='mix per batch, pair or elem')
+group.add_argument('--mixup-off-epoch', default=0, type=int, metavar='N', help='stop mixing at this epoch (0: never)')
+group.add_argument('--smoothing', type=float, default=0.1, help='label smoothing')
+group.add_argument('--train-interpolation', type=str, default='random', help='train resize interpolation')
+group.add_argument('--drop', type=float, default=0.0, metavar='PCT', help='dropout rate')
+group.add_argument('--drop-connect', type=float, default=None, metavar='PCT',
+                   help='old name of --drop-path; not used by timm, use --drop-path')
+group.add_argument('--drop-path', type=float, default=None, metavar='PCT', help='stochastic depth rate')
+group.add_argument('--drop-block', type=float, default=None, metavar='PCT', help='drop block rate')
+
+group = parser.add_argument_group('Batch norm parameters', 'Honoured by models that accept them.')
+group.add_argument('--bn-momentum', type=float, default=None, help='BatchNorm momentum')
+group.add_argument('--bn-eps', type=float, default=None, help='BatchNorm epsilon')
+group.add_argument('--sync-bn', action='store_true', help='synchronized BatchNorm across processes')
+group.add_argument('--dist-bn', type=str, default='reduce',
+                   help='share BatchNorm statistics after each epoch: broadcast, reduce or ""')
+group.add_argument('--split-bn', action='store_true', help='one BatchNorm per augmentation split')
+
+group = parser.add_argument_group('Model exponential moving average parameters')
+group.add_argument('--model-ema', action='store_true', default=False, help='keep an EMA of the weights')
+group.add_argument('--model-ema-force-cpu', action='store_true', default=False,
+                   help='keep the EMA on the CPU of rank 0; the EMA is then not evaluated')
+group.add_argument('--model-ema-decay', type=float, default=0.9998, help='EMA decay')
+group.add_argument('--model-ema-warmup', action='store_true', help='warm the EMA decay up')
+
+group = parser.add_argument_group('Miscellaneous parameters')
+group.add_argument('--seed', type=int, default=42, metavar='S', help='random seed')
+group.add_argument('--worker-seeding', type=str, default='all', help='data worker seeding mode')
+group.add_argument('--log-interval', type=int, default=50, metavar='N', help='updates between log lines')
+group.add_argument('--val-interval', type=int, default=1, metavar='N', help='epochs between evaluations and checkpoints')
+group.add_argument('--recovery-interval', type=int, default=0, metavar='N', help='updates between recovery checkpoints')
+group.add_argument('--checkpoint-hist', type=int, default=10, metavar='N', help='ranked checkpoints kept')
+group.add_argument('-j', '--workers', type=int, default=4, metavar='N', help='data loader workers per process')
+group.add_argument('--save-images', action='store_true', default=False, help='save input batches at log steps')
+group.add_argument('--pin-mem', action='store_true', default=False, help='pinned host memory in the loader')
+group.add_argument('--no-prefetcher', action='store_true', default=False, help="no timm prefetch loader")
+group.add_argument('--output', default='', type=str, metavar='PATH', help='output root (default ./output/train)')
+group.add_argument('--experiment', default='', type=str, metavar='NAME', help='output sub-folder name')
+group.add_argument('--eval-metric', default='top1', type=str, metavar='EVAL_METRIC', help='metric ranking checkpoints')
+group.add_argument('--tta', type=int, default=0, metavar='N', help='test-time augmentation factor')
+group.add_argument('--use-multi-epochs-loader', action='store_true', default=False,
+                   help='keep loader workers alive across epochs')
+group.add_argument('--log-wandb', action='store_true', default=False, help='log metrics to Weights & Biases')
+group.add_argument('--wandb-project', default=None, type=str, help='wandb project')
+group.add_argument('--wandb-tags', default=[], type=str, nargs='+', help='wandb tags')
+group.add_argument('--wandb-resume-id', default='', type=str, metavar='ID', help='wandb run id to resume')
+group.add_argument('--stop-epoch', default=None, type=int, metavar='N',
+                   help='stop after this many epochs, keeping the full --epochs schedule; continue later '
+                        'with --resume')
+group.add_argument('--save-epochs', default=None, type=int, nargs='+', metavar='N',
+                   help='also keep milestone-N.pth.tar after N completed epochs')
+
+group.add_argument('--train-img-sizes', type=int, nargs='+', default=None,
+                   help='square image sizes drawn per batch (scheduled resolution)')
+group.add_argument('--train-batch-sizes', type=int, nargs='+', default=None,
+                   help='batch size for each --train-img-sizes entry')
+group.add_argument('--train-size-probs', type=float, nargs='+', default=None,
+                   help='weights of the --train-img-sizes entries')
+group.add_argument('--train-size-schedule', type=str, default='constant', choices=('constant', 'progressive'),
+                   help='constant draw, or progressive from the first size to the last')
+group.add_argument('--train-size-schedule-spread', type=float, default=0.65, help='progressive schedule spread')
+group.add_argument('--train-size-random-mix', type=float, default=0.1,
+                   help='share of uniform draws in a progressive schedule')
+group.add_argument('--train-batches-per-epoch', '--train-steps-per-epoch', type=int, default=None,
+                   help='loader batches per epoch (inferred if unset)')
+group.add_argument('--variable-batch-loss-scale', default='none', type=str, choices=('none', 'sqrt', 'linear'),
+                   help='scale the loss by batch size relative to the average scheduled batch')
+
+group.add_argument('--naflex-loader', action='store_true', default=False,
+                   help='NaFlex variable-resolution loader (NaFlex models; not with DRLoc)')
+group.add_argument('--naflex-train-seq-lens', type=int, nargs='+', default=[128, 256, 576, 784, 1024],
+                   help='NaFlex train sequence lengths')
+group.add_argument('--naflex-max-seq-len', type=int, default=576, help='NaFlex eval sequence length')
+group.add_argument('--naflex-patch-sizes', type=int, nargs='+', default=None, help='NaFlex patch size choices')
+group.add_argument('--naflex-patch-size-probs', type=float, nargs='+', default=None,
+                   help='NaFlex patch size probabilities')
+group.add_argument('--naflex-loss-scale', default='linear', type=str, choices=('none', 'sqrt', 'linear'),
+                   help='NaFlex loss scaling by batch size')
+group.add_argument('--naflex-patchify-channels-first', action='store_true', default=False,
+                   help='NaFlex patches laid out C-P-P instead of P-P-C')
+
+parser.add_argument('--kd-model-name', default=None, type=str, help='teacher model for distillation (not with DRLoc)')
+parser.add_argument('--kd-distill-type', default='logit', type=str, choices=['logit', 'feature', 'token'],
+                    help='distillation type')
+parser.add_argument('--kd-loss-type', default='kl', type=str, help='logit distillation loss')
+parser.add_argument('--distill-loss-weight', default=None, type=float, help='distillation loss weight')
+parser.add_argument('--task-loss-weight', default=None, type=float, help='classification loss weight')
+parser.add_argument('--kd-temperature', default=4.0, type=float, help='distillation softmax temperature')
+parser.add_argument('--kd-student-feature-dim', default=None, type=int, help='student feature size (auto if unset)')
+parser.add_argument('--kd-teacher-feature-dim', default=None, type=int, help='teacher feature size (auto if unset)')
+parser.add_argument('--kd-token-distill-type', default='soft', type=str, choices=['soft', 'hard'],
+                    help='token distillation: soft (KL) or hard (CE on teacher argmax)')
+
+group = parser.add_argument_group('DRLoc parameters', 'The DRLoc auxiliary loss (Liu et al., NeurIPS 2021).')
+group.add_argument('--drloc-lambda', type=float, default=0.0, metavar='W',
+                   help='weight of the DRLoc loss; 0 (default) trains plain classification. Paper: 0.5 Swin, '
+                        '0.1 T2T/CvT (with the default unnormalized targets)')
+group.add_argument('--drloc-mode', type=str, default='l1', choices=DRLOC_MODES,
+                   help='l1 regression of offsets, ce classification of offsets, or cbr cycle-back regression')
+group.add_argument('--drloc-samples', type=int, default=64, metavar='M', help='position pairs per image')
+group.add_argument('--drloc-signed', action='store_true', default=False,
+                   help='predict signed offsets instead of absolute ones')
+group.add_argument('--drloc-normalize', action='store_true', default=False,
+                   help="divide targets by the grid size (the paper's formula; lambda must be about k times larger)")
+group.add_argument('--drloc-multiscale', action='store_true', default=False,
+                   help='one DRLoc head per stage of a multi-stage model (Swin)')
+group.add_argument('--drloc-hidden-dim', type=int, default=512, metavar='N', help='hidden width of the DRLoc MLP')
+group.add_argument('--drloc-layers', type=str, nargs='+', default=None, metavar='PATH',
+                   help="module paths whose outputs are the grids (default: the model's last feature map)")
+group.add_argument('--drloc-warmup-epochs', type=int, default=0, metavar='N',
+                   help='ramp lambda linearly from 0 over these epochs (reference code: 20)')
+group.add_argument('--drloc-decay', action='store_true', default=False,
+                   help='decay lambda linearly to 0 at the last epoch (reference code schedule)')
+del group, scripting_group
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Parsing and checks that need no data, model or device
+# ---------------------------------------------------------------------------------------------------------
+
+def _is_flag_switch(action: argparse.Action) -> bool:
+    return isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction))
+
+
+def _config_scalar(action: argparse.Action, key: str, value: Any, path: str) -> Any:
+    """One config value converted as the command line would convert it; parser.error when it cannot be."""
+    convert = action.type
+    if value is None:
+        return None
+    if convert in (int, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            parser.error(f'config {path}: {key}={value!r} must be a number ({convert.__name__})')
+        try:
+            converted = convert(value) if isinstance(value, str) else value
+        except ValueError:
+            parser.error(f'config {path}: {key}={value!r} is not a valid {convert.__name__}')
+        if convert is int and isinstance(converted, float):
+            if not converted.is_integer():
+                parser.error(f'config {path}: {key}={value!r} must be a whole number')
+            converted = int(converted)
+        value = convert(converted)
+    elif convert in (None, str):
+        if isinstance(value, (list, dict)):
+            parser.error(f'config {path}: {key}={value!r} must be a single string')
+        value = str(value) if not isinstance(value, str) else value
+    elif isinstance(value, str):
+        try:
+            value = convert(value)
+        except (TypeError, ValueError) as e:
+            parser.error(f'config {path}: {key}={value!r} is not valid ({e})')
+    if action.choices is not None and value not in action.choices:
+        parser.error(f'config {path}: {key}={value!r} is not one of {list(action.choices)}')
+    return value
+
+
+def _config_value(action: argparse.Action, key: str, value: Any, path: str) -> Any:
+    """A config value checked against the flag's kind: switch, key=value dict, list or scalar."""
+    if value is None:
+        return None
+    if _is_flag_switch(action):
+        if not isinstance(value, bool):
+            parser.error(f'config {path}: {key}={value!r} must be true or false')
+        return value
+    if isinstance(action, utils.ParseKwargs):
+        if not isinstance(value, dict):
+            parser.error(f'config {path}: {key}={value!r} must be a mapping of names to values')
+        return value
+    if action.nargs in ('+', '*') or isinstance(action.nargs, int):
+        if not isinstance(value, (list, tuple)):
+            parser.error(f'config {path}: {key}={value!r} must be a list')
+        if isinstance(action.nargs, int) and len(value) != action.nargs:
+            parser.error(f'config {path}: {key} needs {action.nargs} values, got {len(value)}')
+        if action.nargs == '+' and not value:
+            parser.error(f'config {path}: {key} needs at least one value')
+        return [_config_scalar(action, key, v, path) for v in value]
+    if isinstance(value, (list, tuple, dict)):
+        parser.error(f'config {path}: {key}={value!r} must be a single value, not a {type(value).__name__}')
+    return _config_scalar(action, key, value, path)
+
+
+def _load_config(path: str) -> Dict[str, Any]:
+    """Flag defaults from a YAML config: values checked and converted; unknown keys are warned about and dropped."""
+    if not os.path.isfile(path):
+        parser.error(f'config file {path!r} does not exist; pass the path of a YAML file to -c/--config')
+    with open(path, 'r') as f:
+        try:
+            cfg = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            parser.error(f'config {path} is not valid YAML: {e}')
+    if not isinstance(cfg, dict):
+        parser.error(f'config {path} must be a mapping of flag names to values, got a {type(cfg).__name__}')
+    actions = {a.dest: a for a in parser._actions if a.dest != 'help'}
+    defaults = {}
+    for key, value in cfg.items():
+        dest = str(key).replace('-', '_')
+        if dest not in actions:
+            _logger.warning(f'config {path}: {key!r} is not a train_drloc.py flag; it is ignored')
+            continue
+        defaults[dest] = _config_value(actions[dest], str(key), value, path)
+    return defaults
+
+
+def _check_drloc_flags(args: argparse.Namespace) -> None:
+    """Reject DRLoc flag values that cannot work, with the value and what to use instead."""
+    if not math.isfinite(args.drloc_lambda) or args.drloc_lambda < 0:
+        parser.error(f'--drloc-lambda must be >= 0, got {args.drloc_lambda}; use 0 to train without DRLoc, or a '
+                     f'weight such as 0.5 (Swin) / 0.1 (T2T, CvT)')
+    if args.drloc_samples < 1:
+        parser.error(f'--drloc-samples must be >= 1, got {args.drloc_samples}; the reference uses 64 pairs per image')
+    if args.drloc_hidden_dim < 1:
+        parser.error(f'--drloc-hidden-dim must be >= 1, got {args.drloc_hidden_dim}; the reference uses 512')
+    if args.drloc_warmup_epochs < 0:
+        parser.error(f'--drloc-warmup-epochs must be >= 0, got {args.drloc_warmup_epochs}')
+    if args.drloc_lambda == 0:
+        used = [f for f, on in (
+            ('--drloc-signed', args.drloc_signed), ('--drloc-normalize', args.drloc_normalize),
+            ('--drloc-multiscale', args.drloc_multiscale), ('--drloc-layers', args.drloc_layers),
+            ('--drloc-decay', args.drloc_decay), ('--drloc-warmup-epochs', args.drloc_warmup_epochs)) if on]
+        if used:
+            _logger.warning(f'{", ".join(used)} given but --drloc-lambda is 0, so DRLoc is off and they have no '
+                            f'effect; set --drloc-lambda (e.g. 0.5) to train with DRLoc')
+        return
+    if args.kd_model_name:
+        parser.error('--drloc-lambda > 0 cannot be combined with --kd-model-name: one training task per run. Drop '
+                     'one of them')
+    if args.naflex_loader:
+        parser.error('--drloc-lambda > 0 cannot be combined with --naflex-loader: DRLoc needs a square token grid. '
+                     'Drop --naflex-loader')
+    if args.torchscript:
+        parser.error('--drloc-lambda > 0 cannot be combined with --torchscript: DRLoc reads grids with forward hooks. '
+                     'Use --torchcompile instead')
+    if args.train_img_sizes and args.drloc_mode != 'l1':
+        parser.error(f'--drloc-mode {args.drloc_mode} has one class per grid offset, so its grid size must not change; '
+                     f'with --train-img-sizes use --drloc-mode l1')
+
+
+def _check_run_flags(args: argparse.Namespace) -> None:
+    """Reject flag combinations timm would reject later, or silently ignore, before anything is built."""
+    if args.naflex_loader and args.train_img_sizes is not None:
+        parser.error('--naflex-loader and --train-img-sizes are two different loaders; choose one')
+    if args.naflex_loader and args.use_multi_epochs_loader:
+        parser.error('--use-multi-epochs-loader does not work with --naflex-loader; drop one of them')
+    if args.resume == 'auto' and not args.experiment:
+        parser.error('--resume auto continues in place in the experiment folder: give it with --experiment NAME')
+    if args.val_interval < 1:
+        parser.error(f'--val-interval must be >= 1, got {args.val_interval}')
+    if args.save_epochs and min(args.save_epochs) < 1:
+        parser.error(f'--save-epochs counts completed epochs, so each must be >= 1, got {args.save_epochs}')
+    if args.model_dtype and args.model_dtype not in ('float32', 'float16', 'bfloat16'):
+        parser.error(f'--model-dtype {args.model_dtype} is not float32, float16 or bfloat16')
+    if args.amp and args.amp_dtype not in ('float16', 'bfloat16'):
+        parser.error(f'--amp-dtype {args.amp_dtype} is not float16 or bfloat16')
+    if args.amp and args.model_dtype not in (None, 'float32'):
+        parser.error(f'--amp needs a float32 model, got --model-dtype {args.model_dtype}; drop one of them')
+    if args.drop_connect is not None:
+        _logger.warning('--drop-connect is an old name that timm models no longer read; use --drop-path '
+                        f'{args.drop_connect} for stochastic depth')
+    if args.local_rank and 'LOCAL_RANK' not in os.environ:
+        _logger.warning('--local_rank is set by old launchers only; the rank is read from the torchrun environment')
+
+
+def _parse_args() -> Tuple[argparse.Namespace, str]:
+    """Flags from the command line over a -c/--config YAML file over the defaults; also returns them as YAML."""
+    args_config, remaining = config_parser.parse_known_args()
+    if args_config.config:
+        parser.set_defaults(**_load_config(args_config.config))
+    args = parser.parse_args(remaining)
+    _check_drloc_flags(args)
+    args_text = yaml.safe_dump(args.__dict__, default_flow_style=False)
+    return args, args_text
+
+
+def _stop_epoch_check(args: argparse.Namespace, num_epochs: int) -> int:
+    """The last epoch (exclusive) this process runs: --stop-epoch, or the end of the schedule."""
+    if args.stop_epoch is None:
+        return num_epochs
+    if not 1 <= args.stop_epoch <= num_epochs:
+        raise ConfigError(f'--stop-epoch {args.stop_epoch} is out of range: the schedule has {num_epochs} epochs, '
+                          f'so use 1..{num_epochs}, or raise --epochs')
+    return args.stop_epoch
+
+
+def _scheduled_epochs(args: argparse.Namespace) -> int:
+    """Epochs timm's schedulers will run for these flags (checked before any data is read)."""
+    return args.epochs + args.cooldown_epochs + (args.warmup_epochs if args.warmup_prefix else 0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Output folder, resume and summary
+# ---------------------------------------------------------------------------------------------------------
+
+def _experiment_dir(args: argparse.Namespace, input_size: Sequence[int]) -> str:
+    """Where the run writes: <output or ./output/train>/<experiment or date-model-size>."""
+    name = args.experiment or '-'.join([
+        datetime.now().strftime('%Y%m%d-%H%M%S'), safe_model_name(args.model), str(input_size[-1])])
+    return os.path.join(args.output if args.output else './output/train', name)
+
+
+def _readable_checkpoint(path: str) -> Optional[str]:
+    """None when `path` loads as a training checkpoint, else why it does not."""
+    try:
+        meta = load_checkpoint_metadata(path)
+    except Exception as e:  # truncated zip, pickle refused by weights_only, ...
+        return f'{type(e).__name__}: {e}'.splitlines()[0]
+    if not isinstance(meta, dict) or 'epoch' not in meta:
+        return 'no epoch entry, not a training checkpoint'
+    return None
+
+
+def _auto_resume_path(exp_dir: str) -> Optional[str]:
+    """The newest readable checkpoint of an experiment folder (last, else checkpoint-N / milestone-N), or None."""
+    last = os.path.join(exp_dir, 'last' + CHECKPOINT_EXT)
+    if not os.path.exists(last):
+        return None
+    problem = _readable_checkpoint(last)
+    if problem is None:
+        return last
+    _logger.warning(f'--resume auto: {last} is unreadable ({problem}); looking for the newest good checkpoint')
+    candidates = []
+    for name in os.listdir(exp_dir):
+        stem = name[:-len(CHECKPOINT_EXT)] if name.endswith(CHECKPOINT_EXT) else ''
+        prefix, _, number = stem.rpartition('-')
+        if prefix in ('checkpoint', 'milestone', 'recovery') and number.isdigit():
+            path = os.path.join(exp_dir, name)
+            candidates.append((os.path.getmtime(path), path))
+    for _, path in sorted(candidates, reverse=True):
+        problem = _readable_checkpoint(path)
+        if problem is None:
+            _logger.warning(f'--resume auto: continuing from {path}')
+            return path
+        _logger.warning(f'--resume auto: {path} is unreadable too ({problem})')
+    raise ConfigError(f'--resume auto: no readable checkpoint in {exp_dir}; move the folder away to start fresh, '
+                      f'or give --resume a good checkpoint')
+
+
+def _resolve_resume(args: argparse.Namespace, exp_dir: str) -> Tuple[str, bool]:
+    """(checkpoint to resume from or '', whether the run continues in place in `exp_dir`)."""
+    if not args.resume:
+        return '', False
+    if args.resume == 'auto':
+        path = _auto_resume_path(exp_dir)
+        if path is None:
+            _logger.info(f'--resume auto: no checkpoint in {exp_dir} yet, starting a fresh run')
+            return '', False
+        return path, True
+    if not os.path.isfile(args.resume):
+        raise ConfigError(f'--resume {args.resume}: no such file; give the path of a .pth.tar checkpoint, or '
+                          f'--resume auto with --experiment')
+    problem = _readable_checkpoint(args.resume)
+    if problem is not None:
+        raise ConfigError(f'--resume {args.resume}: cannot read this checkpoint ({problem}); it may be truncated, '
+                          f'corrupt or not a training checkpoint. Resume from an earlier checkpoint-N.pth.tar')
+    same_dir = os.path.abspath(os.path.dirname(args.resume)) == os.path.abspath(exp_dir)
+    return args.resume, same_dir
+
+
+def _trim_summary(path: str, start_epoch: int) -> None:
+    """Drop summary rows of epochs >= start_epoch (they will be run again), so each epoch appears once."""
+    if not os.path.exists(path):
+        return
+    with open(path, newline='') as f:
+        rows = list(csv.DictReader(f))
+    fields = list(rows[0].keys()) if rows else []
+    kept = [r for r in rows if r.get('epoch', '').isdigit() and int(r['epoch']) < start_epoch]
+    if len(kept) == len(rows):
+        return
+    with open(path, 'w', newline='') as f:
+        if kept:
+            writer = csv.DictWriter(f, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(kept)
+
+
+def write_summary(
+        path: str,
+        epoch: int,
+        train_metrics: Dict[str, float],
+        eval_metrics: Optional[Dict[str, float]],
+        lr: float,
+        extra: Optional[Dict[str, float]] = None,
+        log_wandb: bool = False,
+) -> None:
+    """Append one epoch to summary.csv: timm's columns (epoch, train_*, eval_*, lr) then `extra` (drloc_lambda).
+
+    timm's update_summary prefixes every train metric with `train_`; the DRLoc weight is a setting of the
+    epoch, not a train metric, so it gets its own column.
+    """
+    row = OrderedDict(epoch=epoch)
+    row.update(('train_' + k, v) for k, v in train_metrics.items())
+    row.update(('eval_' + k, v) for k, v in (eval_metrics or {}).items())
+    row['lr'] = lr
+    row.update(extra or {})
+    if log_wandb:
+        wandb.log(row)
+    new_file = not os.path.exists(path) or os.path.getsize(path) == 0
+    with open(path, 'a', newline='') as f:
+        writer = csv.DictWriter(f, fieldnames=list(row.keys()))
+        if new_file:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Building blocks of main()
+# ---------------------------------------------------------------------------------------------------------
+
+def _build_model(args: argparse.Namespace) -> nn.Module:
+    """The timm model from the model flags, through the module-level `create_model` (tests replace it)."""
+    in_chans = args.in_chans if args.in_chans is not None else (args.input_size[0] if args.input_size else 3)
+    factory_kwargs = {}
+    if args.pretrained_path:
+        factory_kwargs['pretrained_cfg_overlay'] = dict(file=args.pretrained_path, num_classes=-1)
+    try:
+        model = create_model(
+            args.model,
+            pretrained=args.pretrained,
+            in_chans=in_chans,
+            num_classes=args.num_classes,
+            drop_rate=args.drop,
+            drop_path_rate=args.drop_path,
+            drop_block_rate=args.drop_block,
+            global_pool=args.gp,
+            bn_momentum=args.bn_momentum,
+            bn_eps=args.bn_eps,
+            scriptable=args.torchscript,
+            checkpoint_path=args.initial_checkpoint,
+            **factory_kwargs,
+            **args.model_kwargs,
+        )
+    except RuntimeError as e:
+        if 'Unknown model' in str(e):
+            raise ConfigError(f'--model {args.model}: {e}; list names with timm.list_models("*pattern*")') from e
+        raise
+    if args.head_init_scale is not None:
+        with torch.no_grad():
+            model.get_classifier().weight.mul_(args.head_init_scale)
+            model.get_classifier().bias.mul_(args.head_init_scale)
+    if args.head_init_bias is not None:
+        nn.init.constant_(model.get_classifier().bias, args.head_init_bias)
+    if args.num_classes is None:
+        if not hasattr(model, 'num_classes'):
+            raise ConfigError(f'{args.model} has no num_classes attribute; give --num-classes')
+        args.num_classes = model.num_classes
+    if args.grad_checkpointing:
+        model.set_grad_checkpointing(enable=True)
+    return model
+
+
+def _build_train_loss(args: argparse.Namespace, num_aug_splits: int, mixup_active: bool) -> nn.Module:
+    """The classification criterion timm's train.py picks for these flags."""
+    bce_kwargs = dict(target_threshold=args.bce_target_thresh, sum_classes=args.bce_sum,
+                      pos_weight=args.bce_pos_weight)
+    if args.jsd_loss:
+        if num_aug_splits <= 1:
+            raise ConfigError('--jsd-loss needs --aug-splits 2 or more')
+        return JsdCrossEntropy(num_splits=num_aug_splits, smoothing=args.smoothing)
+    if mixup_active:  # the mixup target already carries the label smoothing
+        return BinaryCrossEntropy(**bce_kwargs) if args.bce_loss else SoftTargetCrossEntropy()
+    if args.smoothing:
+        if args.bce_loss:
+            return BinaryCrossEntropy(smoothing=args.smoothing, **bce_kwargs)
+        return LabelSmoothingCrossEntropy(smoothing=args.smoothing)
+    return nn.CrossEntropyLoss()
+
+
+def _build_task(
+        args: argparse.Namespace,
+        model: nn.Module,
+        criterion: nn.Module,
+        input_size: Sequence[int],
+        device: torch.device,
+        model_dtype: Optional[torch.dtype],
+) -> nn.Module:
+    """DRLocTask when --drloc-lambda > 0, a timm distillation task with --kd-model-name, else ClassificationTask."""
+    verbose = utils.is_primary(args)
+    if args.drloc_lambda > 0:
+        from timm_drloc.task import DRLocTask
+        try:
+            return DRLocTask(
+                model,
+                drloc_lambda=args.drloc_lambda,
+                criterion=criterion,
+                mode=args.drloc_mode,
+                num_samples=args.drloc_samples,
+                multiscale=args.drloc_multiscale,
+                use_abs=not args.drloc_signed,
+                normalize=args.drloc_normalize,
+                hidden_dim=args.drloc_hidden_dim,
+                layers=args.drloc_layers,
+                input_size=tuple(input_size),
+                device=device,
+                dtype=model_dtype,
+                verbose=verbose,
+            )
+        except ValueError as e:
+            hint = ''
+            if 'probe' in str(e):
+                hint = (f' (on the command line: models with a fixed input size need it at creation, e.g. '
+                        f'--model-kwargs img_size={input_size[-1]})')
+            raise ConfigError(f'cannot add DRLoc to {args.model}: {e}{hint}') from e
+    if args.kd_model_name is not None:
+        common = dict(student_model=model, teacher_model=args.kd_model_name, criterion=criterion,
+                      distill_loss_weight=args.distill_loss_weight, task_loss_weight=args.task_loss_weight,
+                      device=device, dtype=model_dtype, verbose=verbose)
+        if args.kd_distill_type == 'logit':
+            return LogitDistillationTask(loss_type=args.kd_loss_type, temperature=args.kd_temperature, **common)
+        if args.kd_distill_type == 'feature':
+            return FeatureDistillationTask(student_feature_dim=args.kd_student_feature_dim,
+                                           teacher_feature_dim=args.kd_teacher_feature_dim, **common)
+        return TokenDistillationTask(distill_type=args.kd_token_distill_type, temperature=args.kd_temperature,
+                                     **common)
+    return ClassificationTask(model=model, criterion=criterion, device=device, dtype=model_dtype, verbose=verbose)
+
+
+def _check_data_dir(args: argparse.Namespace) -> None:
+    """A folder dataset (no --dataset type, or folder/) must exist, with its train split."""
+    if args.data and not args.data_dir:
+        args.data_dir = args.data
+    if args.dataset and not args.dataset.lower().startswith(('folder/', 'imagefolder/', 'tar/')):
+        return
+    if not args.data_dir:
+        raise ConfigError('no dataset given: pass the dataset root folder as --data-dir DIR (or positionally)')
+    if not os.path.exists(args.data_dir):
+        raise ConfigError(f'data dir {args.data_dir!r} does not exist; pass the dataset root with --data-dir, '
+                          f'holding {args.train_split}/ and {args.val_split}/ class folders')
+
+
+def _build_datasets(args: argparse.Namespace, input_img_mode: str):
+    """The train and eval datasets (eval is None without --val-split)."""
+    common = dict(root=args.data_dir, class_map=args.class_map, download=args.dataset_download,
+                  batch_size=args.batch_size, input_img_mode=input_img_mode, input_key=args.input_key,
+                  target_key=args.target_key, trust_remote_code=args.dataset_trust_remote_code)
+    dataset_train = create_dataset(
+        args.dataset, split=args.train_split, is_training=True, seed=args.seed, repeats=args.epoch_repeats,
+        num_samples=args.train_num_samples, **common)
+    if len(dataset_train) == 0 if hasattr(dataset_train, '__len__') else False:
+        raise ConfigError(f'the train split {args.train_split!r} of {args.data_dir} holds no images')
+    dataset_eval = None
+    if args.val_split:
+        dataset_eval = create_dataset(
+            args.dataset, split=args.val_split, is_training=False, num_samples=args.val_num_samples, **common)
+    return dataset_train, dataset_eval
+
+
+def _check_num_classes(args: argparse.Namespace, dataset_train) -> None:
+    """The data's classes must fit the classifier; a mismatch would fail (or mislead) mid-epoch."""
+    reader = getattr(dataset_train, 'reader', None)
+    class_to_idx = getattr(reader, 'class_to_idx', None)
+    if not class_to_idx:
+        return
+    if len(class_to_idx) < 2:
+        raise ConfigError(f'{args.data_dir} has {len(class_to_idx)} class folder(s) in {args.train_split}/; '
+                          f'classification needs at least 2')
+    if args.num_classes is not None and len(class_to_idx) > args.num_classes:
+        raise ConfigError(f'the data has {len(class_to_idx)} classes but the model has {args.num_classes} outputs; '
+                          f'pass --num-classes {len(class_to_idx)}')
+
+
+def _scaled_lr(args: argparse.Namespace, batch_size_reference: float) -> float:
+    """--lr, or --lr-base scaled from --lr-base-size to the global batch."""
+    global_batch_size = batch_size_reference * args.world_size * args.grad_accum_steps
+    ratio = global_batch_size / args.lr_base_size
+    if not args.lr_base_scale:
+        args.lr_base_scale = 'sqrt' if any(o in args.opt.lower() for o in ('ada', 'lamb')) else 'linear'
+    if args.lr_base_scale == 'sqrt':
+        ratio = ratio ** 0.5
+    lr = args.lr_base * ratio
+    if utils.is_primary(args):
+        _logger.info(f'Learning rate {lr} from --lr-base {args.lr_base} and global batch {global_batch_size:g} '
+                     f'({args.lr_base_scale} scaling).')
+    return lr
+
+
+def _drloc_lambda(args: argparse.Namespace, epoch: int, num_epochs: int) -> float:
+    from timm_drloc.task import drloc_lambda_at
+    return drloc_lambda_at(epoch, args.drloc_lambda, num_epochs,
+                           warmup_epochs=args.drloc_warmup_epochs, decay=args.drloc_decay)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Progress display
+# ---------------------------------------------------------------------------------------------------------
+
+class EpochProgress:
+    """A tqdm bar per epoch on a terminal (primary process only); plain log lines every log interval otherwise."""
+
+    def __init__(self, epoch: int, total: int, log_interval: int, enabled: bool):
+        self.epoch, self.total, self.log_interval = epoch, total, max(1, log_interval)
+        self.enabled = enabled
+        self.bar = None
+        if enabled and has_tqdm and sys.stderr.isatty():
+            self.bar = tqdm(total=total, desc=f'Train {epoch}', leave=True, dynamic_ncols=True)
+
+    def update(self, update_idx: int, last: bool, values: Dict[str, float], line: Callable[[], str]) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix({k: f'{v:.3g}' for k, v in values.items()}, refresh=False)
+        elif update_idx % self.log_interval == 0 or last:
+            _logger.info(line())
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Train and eval loops
+# ---------------------------------------------------------------------------------------------------------
+
+def _finite_or_stop(result: Dict[str, torch.Tensor], epoch: int, batch_idx: int, args: argparse.Namespace,
+                    device: torch.device) -> None:
+    """Stop with NonFiniteLossError, naming the step and the term, when the loss is NaN or Inf on any rank."""
+    loss = result['loss'].detach()
+    bad = (~torch.isfinite(loss)).float().reshape(1)
+    if args.distributed:
+        torch.distributed.all_reduce(bad)
+    if bad.item() == 0:
+        return
+    terms = [k for k in ('task_loss', 'drloc_loss') if k in result and not torch.isfinite(result[k]).all()]
+    term = ', '.join(terms) or ('loss' if not torch.isfinite(loss).all() else 'loss on another rank')
+    raise NonFiniteLossError(
+        f'non-finite {term} at epoch {epoch}, step {batch_idx} (loss={loss.item()}): training stopped; the '
+        f'checkpoints already written are untouched. Lower --lr, set --clip-grad, or lower --drloc-lambda, then '
+        f'continue with --resume')
+
+
+def train_one_epoch(
+        epoch: int,
+        model: nn.Module,
+        loader,
+        optimizer: torch.optim.Optimizer,
+        args: argparse.Namespace,
+        task: nn.Module,
+        device: torch.device,
+        lr_scheduler=None,
+        saver: Optional[utils.CheckpointSaver] = None,
+        output_dir: Optional[str] = None,
+        amp_autocast=suppress,
+        loss_scaler: Optional[NativeScaler] = None,
+        model_dtype: Optional[torch.dtype] = None,
+        mixup_fn: Optional[Mixup] = None,
+        naflex_mode: bool = False,
+        scheduled_batch_mode: bool = False,
+        batch_size_reference: Optional[float] = None,
+) -> 'OrderedDict[str, float]':
+    """One epoch of updates; returns the epoch's mean train loss (and mean DRLoc loss), averaged over ranks."""
+    if args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
+        if args.prefetcher and getattr(loader, 'mixup_enabled', False):
+            loader.mixup_enabled = False
+        elif mixup_fn is not None:
+            mixup_fn.mixup_enabled = False
+
+    second_order = getattr(optimizer, 'is_second_order', False)
+    has_no_sync = args.distributed and hasattr(task.get_trainable_module(), 'no_sync')
+    update_time_m, data_time_m = utils.AverageMeter(), utils.AverageMeter()
+    losses_m, drloc_m = utils.AverageMeter(), utils.AverageMeter()
+    task.get_trainable_module().train()
+
+    num_batches = len(loader)
+    accum_steps = args.grad_accum_steps
+    last_accum_steps = num_batches % accum_steps
+    updates_per_epoch = (num_batches + accum_steps - 1) // accum_steps
+    num_updates = epoch * updates_per_epoch
+    last_batch_idx_to_accum = num_batches - last_accum_steps
+    progress = EpochProgress(epoch, updates_per_epoch, args.log_interval, utils.is_primary(args))
+
+    data_start_time = update_start_time = time.time()
+    optimizer.zero_grad()
+    update_sample_count = 0
+    for batch_idx, (input, target) in enumerate(loader):
+        last_batch = batch_idx == num_batches - 1
+        need_update = last_batch or (batch_idx + 1) % accum_steps == 0
+        update_idx = batch_idx // accum_steps
+        if batch_idx >= last_batch_idx_to_accum:
+            accum_steps = last_accum_steps
+        if not args.prefetcher:
+            input, target = input.to(device=device, dtype=model_dtype), target.to(device=device)
+            if mixup_fn is not None:
+                input, target = mixup_fn(input, target)
+        if args.channels_last:
+            input = input.contiguous(memory_format=torch.channels_last)
+        data_time_m.update(accum_steps * (time.time() - data_start_time))
+
+        batch_size = input['patches'].shape[0] if naflex_mode else input.shape[0]
+        loss_scale = _batch_loss_scale(args, batch_size, batch_size_reference, naflex_mode, scheduled_batch_mode,
+                                       device)
+        global_batch_size = batch_size * args.world_size if args.distributed else batch_size
+
+        def _step():
+            with amp_autocast():
+                result = task(input, target)
+            _finite_or_stop(result, epoch, batch_idx, args, device)
+            loss = result['loss'] / accum_steps if accum_steps > 1 else result['loss']
+            _backward(loss * loss_scale if loss_scale != 1.0 else loss, args, task, optimizer, loss_scaler,
+                      second_order, need_update)
+            return result
+
+        if has_no_sync and not need_update:
+            with task.no_sync():
+                result = _step()
+        else:
+            result = _step()
+
+        losses_m.update(result['loss'].item(), batch_size)
+        if 'drloc_loss' in result:
+            drloc_m.update(result['drloc_loss'].item(), batch_size)
+        update_sample_count += global_batch_size
+        if not need_update:
+            data_start_time = time.time()
+            continue
+
+        num_updates += 1
+        optimizer.zero_grad()
+        task.update_ema(step=num_updates)
+        if args.synchronize_step and device.type in ('cuda', 'npu'):
+            getattr(torch, device.type).synchronize()
+        time_now = time.time()
+        update_time_m.update(time_now - update_start_time)
+        update_start_time = time_now
+
+        lrs = [group['lr'] for group in optimizer.param_groups]
+        lr = sum(lrs) / len(lrs)
+        log_step = update_idx % args.log_interval == 0 or last_batch
+        loss_now, loss_avg = losses_m.val, losses_m.avg
+        drloc_now, drloc_avg = drloc_m.val, drloc_m.avg
+        if log_step and args.distributed:  # every rank keeps its own meters: log the mean over ranks
+            loss_now, loss_avg, drloc_now, drloc_avg = _mean_over_ranks(
+                [loss_now, loss_avg, drloc_now, drloc_avg], args, device)
+        rate = update_sample_count / max(update_time_m.val, 1e-9)
+        values = OrderedDict(loss=loss_now, lr=lr, img_s=rate)
+        if drloc_m.count:
+            values['drloc'] = drloc_now
+        progress.update(update_idx, last_batch, values, lambda: (
+            f'Train: {epoch} [{update_idx:>4d}/{updates_per_epoch} ({100. * (update_idx + 1) / updates_per_epoch:>3.0f}%)]  '
+            f'Loss: {loss_now:#.3g} ({loss_avg:#.3g})  '
+            + (f'DRLoc: {drloc_now:#.3g} ({drloc_avg:#.3g}) x {task.drloc_lambda:g}  ' if drloc_m.count else '')
+            + f'Time: {update_time_m.val:.3f}s, {rate:>7.2f}/s  LR: {lr:.3e}  '
+            f'Data: {data_time_m.val:.3f} ({data_time_m.avg:.3f})'))
+        if log_step and args.save_images and output_dir and utils.is_primary(args) and not naflex_mode:
+            import torchvision.utils
+            torchvision.utils.save_image(input, os.path.join(output_dir, f'train-batch-{batch_idx}.jpg'),
+                                         padding=0, normalize=True)
+
+        if saver is not None and args.recovery_interval and (update_idx + 1) % args.recovery_interval == 0:
+            saver.save_recovery(epoch, batch_idx=update_idx)
+        if lr_scheduler is not None:
+            lr_scheduler.step_update(num_updates=num_updates, metric=losses_m.avg)
+        update_sample_count = 0
+        data_start_time = time.time()
+
+    progress.close()
+    if hasattr(optimizer, 'sync_lookahead'):
+        optimizer.sync_lookahead()
+    metrics = OrderedDict(loss=losses_m.avg)
+    if drloc_m.count:
+        metrics['drloc_loss'] = drloc_m.avg
+    if args.distributed:
+        metrics = OrderedDict(zip(metrics.keys(), _mean_over_ranks(list(metrics.values()), args, device)))
+    return metrics
+
+
+def _backward(loss, args, task, optimizer, loss_scaler, second_order: bool, need_update: bool) -> None:
+    """Backward, then (on an update step) clip and step, through the AMP loss scaler when there is one."""
+    clip_parameters = None
+    if args.clip_grad is not None:
+        clip_parameters = task.get_clip_parameters(exclude_head='agc' in args.clip_mode)
+    if loss_scaler is not None:
+        loss_scaler(loss, optimizer, clip_grad=args.clip_grad, clip_mode=args.clip_mode,
+                    parameters=clip_parameters, create_graph=second_order, need_update=need_update)
+        return
+    loss.backward(create_graph=second_order)
+    if need_update:
+        if args.clip_grad is not None:
+            utils.dispatch_clip_grad(clip_parameters, value=args.clip_grad, mode=args.clip_mode)
+        optimizer.step()
+
+
+def _batch_loss_scale(args, batch_size: int, reference: Optional[float], naflex_mode: bool,
+                      scheduled_batch_mode: bool, device: torch.device) -> float:
+    """Loss multiplier for variable batch sizes (NaFlex / scheduled resolution); 1 otherwise."""
+    if not (naflex_mode or scheduled_batch_mode):
+        return 1.0
+    mode = args.naflex_loss_scale if naflex_mode else args.variable_batch_loss_scale
+    scale = 1.0
+    if mode and mode != 'none':
+        scale = batch_size / reference
+        if mode == 'sqrt':
+            scale = scale ** 0.5
+    if naflex_mode and args.distributed:  # ranks may hold different batch sizes
+        total = utils.reduce_tensor(torch.tensor(batch_size, device=device, dtype=torch.float32), 1)
+        scale *= (args.world_size * batch_size / total).item()
+    return scale
+
+
+def _mean_over_ranks(values: List[float], args: argparse.Namespace, device: torch.device) -> List[float]:
+    """Mean of each value over the ranks (collective: every rank must call it)."""
+    tensor = torch.tensor(values, device=device, dtype=torch.float32)
+    return utils.reduce_tensor(tensor, args.world_size).tolist()
+
+
+def validate(
+        model: nn.Module,
+        loader,
+        loss_fn: nn.Module,
+        args: argparse.Namespace,
+        device: torch.device,
+        amp_autocast=suppress,
+        model_dtype: Optional[torch.dtype] = None,
+        log_suffix: str = '',
+        task: Optional[nn.Module] = None,
+) -> 'OrderedDict[str, float]':
+    """Loss, top-1 and top-5 (percent) of `model` over the eval split, exact over ranks (padding dropped)."""
+    if task is not None:
+        evaluator = task.create_evaluator(max_samples=evaluation_sample_limit(loader))
+        evaluator.criterion = loss_fn
+    else:
+        from timm.task.evaluator import ClassificationEvaluator
+        evaluator = ClassificationEvaluator(device, max_samples=evaluation_sample_limit(loader), criterion=loss_fn)
+    model.eval()
+    last_idx = len(loader) - 1
+    start = time.time()
+    with torch.inference_mode():
+        for batch_idx, (input, target) in enumerate(loader):
+            if not args.prefetcher:
+                input, target = input.to(device=device, dtype=model_dtype), target.to(device=device)
+            if args.channels_last:
+                input = input.contiguous(memory_format=torch.channels_last)
+            with amp_autocast():
+                output = model(input)
+            if isinstance(output, (tuple, list)):
+                output = output[0]
+            if args.tta > 1:  # average the augmented copies of each image
+                output = output.unfold(0, args.tta, args.tta).mean(dim=2)
+                target = target[0:target.size(0):args.tta]
+            evaluator.update(output.float(), target)
+            if utils.is_primary(args) and (batch_idx == last_idx or batch_idx % args.log_interval == 0):
+                running = evaluator.summary()
+                _logger.info(f'Test{log_suffix}: [{batch_idx:>4d}/{last_idx}]  Time: {time.time() - start:.3f}s  '
+                             f'Loss: {running["loss"]:>6.3f}  Acc@1: {running["top1"]:>7.3f}  '
+                             f'Acc@5: {running["top5"]:>7.3f}')
+    metrics = evaluator.compute(distributed=args.distributed)
+    if utils.is_primary(args):
+        _logger.info(f'Eval{log_suffix}: top-1 {metrics["top1"]:.3f}  top-5 {metrics["top5"]:.3f}  '
+                     f'loss {metrics["loss"]:.4f}')
+    return OrderedDict((k, metrics[k]) for k in ('loss', 'top1', 'top5'))
+
+
+def _set_loader_epoch(loader, epoch: int) -> None:
+    for part in (loader.dataset, getattr(loader, 'batch_sampler', None), getattr(loader, 'sampler', None)):
+        if hasattr(part, 'set_epoch'):
+            part.set_epoch(epoch)
+            if part is getattr(loader, 'batch_sampler', None):
+                break
+
+
+# ---------------------------------------------------------------------------------------------------------
+# main
+# ---------------------------------------------------------------------------------------------------------
+
+def main() -> None:
+    """Parse the flags, build model, task, data, optimizer and schedule, then train and evaluate each epoch."""
+    utils.setup_default_logging()
+    args, args_text = _parse_args()
+    _check_run_flags(args)
+    stop_at = _stop_epoch_check(args, _scheduled_epochs(args))
+    _check_data_dir(args)
+
+    for module in args.device_modules or ():
+        importlib.import_module(module)
+    if args.device.startswith('cuda') and not torch.cuda.is_available():
+        raise ConfigError(f'--device {args.device} but no CUDA device is available; pass --device cpu')
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+
+    args.prefetcher = not args.no_prefetcher
+    args.grad_accum_steps = max(1, args.grad_accum_steps)
+    device = utils.init_distributed_device(args)
+    if args.distributed:
+        _logger.info(f'Distributed training: process {args.rank} of {args.world_size}, device {args.device}.')
+    else:
+        _logger.info(f'Training with a single process on {args.device}.')
+
+    model_dtype = getattr(torch, args.model_dtype) if args.model_dtype else None
+    if model_dtype == torch.float16:
+        _logger.warning('float16 weights train poorly; prefer --model-dtype bfloat16 or --amp')
+    amp_dtype = torch.bfloat16 if args.amp_dtype == 'bfloat16' else torch.float16
+
+    utils.random_seed(args.seed, args.rank)
+    if args.fuser:
+        utils.set_jit_fuser(args.fuser)
+    if args.fast_norm:
+        set_fast_norm()
+
+    model = _build_model(args)
+    if utils.is_primary(args):
+        _logger.info(f'Model {safe_model_name(args.model)} created, param count: '
+                     f'{sum(p.numel() for p in model.parameters())}')
+    data_config = resolve_data_config(vars(args), model=model, verbose=utils.is_primary(args))
+
+    num_aug_splits = 0
+    if args.aug_splits > 0:
+        if args.aug_splits == 1:
+            raise ConfigError('--aug-splits 1 makes no split; use 0 (off) or 2 and more')
+        num_aug_splits = args.aug_splits
+    if args.split_bn:
+        if num_aug_splits <= 1 and not args.resplit:
+            raise ConfigError('--split-bn needs --aug-splits 2 or more (or --resplit)')
+        model = convert_splitbn_model(model, max(num_aug_splits, 2))
+
+    model.to(device=device, dtype=model_dtype)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if args.distributed and args.sync_bn:
+        args.dist_bn = ''  # synchronized BN needs no statistics sharing after the epoch
+        if args.split_bn:
+            raise ConfigError('--sync-bn and --split-bn cannot be combined; choose one')
+        model = convert_sync_batchnorm(model)
+        if utils.is_primary(args):
+            _logger.info('Converted BatchNorm to SyncBatchNorm (zero-initialized BN layers may misbehave with it).')
+    elif args.sync_bn and utils.is_primary(args):
+        _logger.info('--sync-bn has no effect in a single process run')
+    model_patch_size = model.get_patch_size() if args.naflex_loader and hasattr(model, 'get_patch_size') else None
+    if args.torchscript:
+        if args.sync_bn:
+            raise ConfigError('--torchscript cannot script SyncBatchNorm; drop --sync-bn')
+        model = torch.jit.script(model)
+
+    amp_autocast = suppress
+    loss_scaler = None
+    if args.amp:
+        amp_autocast = partial(torch.autocast, device_type=device.type, dtype=amp_dtype)
+        if device.type == 'cuda' and amp_dtype == torch.float16:
+            loss_scaler = NativeScaler(device=device.type)
+        if utils.is_primary(args):
+            _logger.info(f'Mixed precision training with torch.autocast ({amp_dtype}).')
+    elif utils.is_primary(args):
+        _logger.info(f'AMP off, training in {model_dtype or torch.float32}.')
+
+    mixup_active = args.mixup > 0 or args.cutmix > 0. or args.cutmix_minmax is not None
+    mixup_args = {}
+    if mixup_active:
+        mixup_args = dict(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
+                          prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+                          label_smoothing=args.smoothing, num_classes=args.num_classes)
+    train_loss_fn = _build_train_loss(args, num_aug_splits, mixup_active).to(device=device)
+    validate_loss_fn = nn.CrossEntropyLoss().to(device=device)
+
+    # the task probes the model (DRLoc grids) before any data is read, so bad DRLoc flags fail fast
+    task = _build_task(args, model, train_loss_fn, data_config['input_size'], device, model_dtype)
+
+    input_img_mode = args.input_img_mode or ('RGB' if data_config['input_size'][0] == 3 else 'L')
+    dataset_train, dataset_eval = _build_datasets(args, input_img_mode)
+    _check_num_classes(args, dataset_train)
+    loader_train, loader_eval, mixup_fn, naflex_mode, scheduled_batch_mode, batch_size_reference = _build_loaders(
+        args, data_config, dataset_train, dataset_eval, device, model_dtype, num_aug_splits, mixup_active,
+        mixup_args, model_patch_size)
+    if not args.lr:
+        args.lr = _scaled_lr(args, batch_size_reference)
+
+    model = task.get_trainable_module()
+    eval_model = task.get_eval_model()
+    optimizer = create_optimizer_v2(model, **optimizer_kwargs(cfg=args), **args.opt_kwargs)
+    if utils.is_primary(args):
+        defaults = dict(copy.deepcopy(optimizer.defaults), weight_decay=args.weight_decay)
+        _logger.info(f'Created {type(optimizer).__name__} ({args.opt}) optimizer: '
+                     + ', '.join(f'{k}: {v}' for k, v in defaults.items()))
+
+    output_dir = _experiment_dir(args, data_config['input_size'])
+    resume_path, in_place = _resolve_resume(args, output_dir)
+    resume_epoch = None
+    if resume_path:
+        resume_epoch = resume_task_checkpoint(
+            task, resume_path,
+            optimizer=None if args.no_resume_opt else optimizer,
+            loss_scaler=None if args.no_resume_opt else loss_scaler,
+            log_info=utils.is_primary(args))
+
+    if args.model_ema:  # after device placement, before DDP
+        task.setup_ema(decay=args.model_ema_decay, use_warmup=args.model_ema_warmup,
+                       device='cpu' if args.model_ema_force_cpu else None)
+        if resume_path:
+            load_task_ema_checkpoint(task, resume_path)
+
+    if args.torchcompile:
+        if utils.is_primary(args):
+            _logger.info(f'Compiling with backend={args.torchcompile}, mode={args.torchcompile_mode}')
+        task.compile(backend=args.torchcompile, mode=args.torchcompile_mode)
+        model, eval_model = task.get_trainable_module(), task.get_eval_model()
+        if task.has_ema():
+            task.compile_ema(backend=args.torchcompile, mode=args.torchcompile_mode)
+
+    if args.distributed:
+        task.prepare_distributed(device_ids=None if device.type == 'cpu' else [device],
+                                 broadcast_buffers=not args.no_ddp_bb)
+        model = task.get_trainable_module()
+
+    eval_metric = args.eval_metric if loader_eval is not None else 'loss'
+    decreasing_metric = eval_metric == 'loss'
+    updates_per_epoch = (len(loader_train) + args.grad_accum_steps - 1) // args.grad_accum_steps
+    lr_scheduler, num_epochs = create_scheduler_v2(
+        optimizer, **scheduler_kwargs(args, decreasing_metric=decreasing_metric), updates_per_epoch=updates_per_epoch)
+    stop_at = min(stop_at, num_epochs)
+    start_epoch = args.start_epoch if args.start_epoch is not None else (resume_epoch or 0)
+    if lr_scheduler is not None and start_epoch > 0:
+        if args.sched_on_updates:
+            lr_scheduler.step_update(start_epoch * updates_per_epoch)
+        else:
+            lr_scheduler.step(start_epoch)
+
+    saver = None
+    if utils.is_primary(args):
+        saver = _setup_output(args, args_text, output_dir, model, optimizer, loss_scaler, task, decreasing_metric,
+                              resume_path, in_place, start_epoch)
+        warmup = ('warm-up added before the schedule' if args.warmup_prefix else 'warm-up inside the schedule')
+        _logger.info(f'Scheduled epochs: {num_epochs} ({warmup}); running epochs {start_epoch}..{stop_at - 1}; '
+                     f'LR stepped per {"epoch" if lr_scheduler.t_in_epochs else "update"}.')
+    else:
+        output_dir = None
+    if start_epoch >= stop_at and utils.is_primary(args):
+        _logger.info(f'Nothing to train: the run is at epoch {start_epoch} and stops at {stop_at}.')
+
+    results = _train_epochs(
+        args, task, model, eval_model, optimizer, lr_scheduler, saver, output_dir, loader_train, loader_eval,
+        train_loss_fn, validate_loss_fn, device, amp_autocast, loss_scaler, model_dtype, mixup_fn, naflex_mode,
+        scheduled_batch_mode, batch_size_reference, start_epoch, stop_at, num_epochs, eval_metric)
+
+    if args.distributed:
+        torch.distributed.destroy_process_group()
+    if saver is not None and saver.best_metric is not None:
+        _logger.info(f'*** Best metric: {saver.best_metric} (epoch {saver.best_epoch})')
+    if utils.is_primary(args):
+        ranked = sorted(results, key=lambda r: r.get('validation', r['train']).get(eval_metric, 0),
+                        reverse=decreasing_metric)
+        print(f'--result\n{json.dumps(ranked[-10:], indent=4)}')
+
+
+def _build_loaders(args, data_config, dataset_train, dataset_eval, device, model_dtype, num_aug_splits,
+                   mixup_active, mixup_args, model_patch_size):
+    """Train and eval loaders (standard, scheduled-resolution or NaFlex), the host-side mixup, the batch reference."""
+    train_interpolation = data_config['interpolation'] if args.no_aug or not args.train_interpolation \
+        else args.train_interpolation
+    common = dict(mean=data_config['mean'], std=data_config['std'], pin_memory=args.pin_mem,
+                  img_dtype=model_dtype or torch.float32, device=device, distributed=args.distributed,
+                  use_prefetcher=args.prefetcher)
+    train_kwargs = dict(
+        batch_size=args.batch_size, is_training=True, no_aug=args.no_aug, re_prob=args.reprob,
+        re_mode=args.remode, re_count=args.recount, re_split=args.resplit, train_crop_mode=args.train_crop_mode,
+        scale=args.scale, ratio=args.ratio, hflip=args.hflip, vflip=args.vflip, color_jitter=args.color_jitter,
+        color_jitter_prob=args.color_jitter_prob, grayscale_prob=args.grayscale_prob,
+        gaussian_blur_prob=args.gaussian_blur_prob, auto_augment=args.aa, num_aug_repeats=args.aug_repeats,
+        num_aug_splits=num_aug_splits, interpolation=train_interpolation, num_workers=args.workers,
+        worker_seeding=args.worker_seeding)
+    mixup_fn = None
+    naflex_mode = bool(args.naflex_loader)
+    scheduled_batch_mode = args.train_img_sizes is not None
+    batch_size_reference = float(args.batch_size)
+    if naflex_mode:
+        from timm.data import create_naflex_loader, NaFlexMixup
+        if num_aug_splits > 1:
+            raise ConfigError('--aug-splits does not work with --naflex-loader; drop one of them')
+        naflex_mixup = None
+        if mixup_active:
+            naflex_mixup = NaFlexMixup(**{k: v for k, v in mixup_args.items() if k not in ('mode', 'cutmix_minmax')})
+        if model_patch_size is None:
+            model_patch_size = (16, 16)
+            _logger.warning(f'{args.model} does not report its patch size; NaFlex uses {model_patch_size}')
+        patch_kwargs = dict(patch_size=model_patch_size)
+        if args.naflex_patch_sizes:
+            patch_kwargs = dict(patch_size_choices=args.naflex_patch_sizes)
+            if args.naflex_patch_size_probs:
+                if len(args.naflex_patch_size_probs) != len(args.naflex_patch_sizes):
+                    raise ConfigError('--naflex-patch-size-probs needs one value per --naflex-patch-sizes entry')
+                patch_kwargs['patch_size_choice_probs'] = args.naflex_patch_size_probs
+        loader_train = create_naflex_loader(
+            dataset=dataset_train, train_seq_lens=args.naflex_train_seq_lens, mixup_fn=naflex_mixup,
+            rank=args.rank, world_size=args.world_size,
+            patchify_channels_last=not args.naflex_patchify_channels_first, **patch_kwargs, **common,
+            **train_kwargs)
+    else:
+        collate_fn = None
+        if mixup_active:
+            if args.prefetcher:
+                if num_aug_splits:
+                    raise ConfigError('mixup/cutmix with --aug-splits needs --no-prefetcher')
+                collate_fn = FastCollateMixup(**mixup_args)
+            else:
+                mixup_fn = Mixup(**mixup_args)
+        if num_aug_splits > 1:
+            dataset_train = AugMixDataset(dataset_train, num_splits=num_aug_splits)
+        loader_train = create_loader(
+            dataset_train, input_size=data_config['input_size'], input_size_choices=args.train_img_sizes,
+            batch_size_choices=args.train_batch_sizes, batch_choice_weights=args.train_size_probs,
+            batch_choice_seed=args.seed, batch_choice_schedule=args.train_size_schedule,
+            batch_schedule_epochs=args.epochs if args.train_size_schedule == 'progressive' else None,
+            batch_schedule_spread=args.train_size_schedule_spread,
+            batch_schedule_random_mix=args.train_size_random_mix, num_batches=args.train_batches_per_epoch,
+            collate_fn=collate_fn, use_multi_epochs_loader=args.use_multi_epochs_loader, **common, **train_kwargs)
+        if scheduled_batch_mode:
+            batch_size_reference = loader_train.batch_sampler.average_batch_size
+            if utils.is_primary(args):
+                _logger.info(f'Scheduled resolutions {args.train_img_sizes}, batch sizes '
+                             f'{loader_train.batch_sampler.batch_sizes}, average batch {batch_size_reference:.2f}.')
+
+    loader_eval = None
+    if args.val_split and dataset_eval is not None:
+        eval_workers = args.workers
+        if args.distributed and ('tfds' in args.dataset or 'wds' in args.dataset):
+            eval_workers = min(2, args.workers)  # fewer workers pad less for sharded iterable datasets
+        eval_kwargs = dict(batch_size=args.validation_batch_size or args.batch_size, is_training=False,
+                           interpolation=data_config['interpolation'], num_workers=eval_workers,
+                           crop_pct=data_config['crop_pct'])
+        if naflex_mode:
+            from timm.data import create_naflex_loader
+            loader_eval = create_naflex_loader(
+                dataset=dataset_eval, patch_size=model_patch_size, max_seq_len=args.naflex_max_seq_len,
+                patchify_channels_last=not args.naflex_patchify_channels_first, **common, **eval_kwargs)
+        else:
+            loader_eval = create_loader(dataset_eval, input_size=data_config['input_size'], **common, **eval_kwargs)
+    return loader_train, loader_eval, mixup_fn, naflex_mode, scheduled_batch_mode, batch_size_reference
+
+
+def _setup_output(args, args_text, output_dir, model, optimizer, loss_scaler, task, decreasing_metric,
+                  resume_path, in_place, start_epoch) -> utils.CheckpointSaver:
+    """Primary process: the experiment folder, args.yaml, the checkpoint saver and summary.csv state, wandb."""
+    output_dir = utils.get_outdir(output_dir)
+    saver = utils.CheckpointSaver(
+        model=model, optimizer=optimizer, args=args, amp_scaler=loss_scaler, checkpoint_dir=output_dir,
+        recovery_dir=output_dir, decreasing=decreasing_metric, max_history=args.checkpoint_hist, task=task)
+    summary_path = os.path.join(output_dir, 'summary.csv')
+    if in_place:  # same folder: keep the ranked history and best metric, and the summary rows already done
+        saver.load_state_dict_from_checkpoint(resume_path)
+        _trim_summary(summary_path, start_epoch)
+    elif os.path.exists(summary_path):
+        os.remove(summary_path)  # a fresh run in an existing folder starts a fresh summary
+    with open(os.path.join(output_dir, 'args.yaml'), 'w') as f:
+        f.write(args_text)
+    if args.log_wandb:
+        if has_wandb:
+            if args.wandb_resume_id and not args.resume:
+                raise ConfigError('--wandb-resume-id continues a wandb run, which needs --resume')
+            wandb.init(project=args.wandb_project, name=os.path.basename(output_dir), config=args,
+                       tags=args.wandb_tags, resume='must' if args.wandb_resume_id else None,
+                       id=args.wandb_resume_id or None)
+        else:
+            _logger.warning('--log-wandb given but wandb is not installed (pip install wandb); metrics go to '
+                            'summary.csv only')
+    return saver
+
+
+def _train_epochs(args, task, model, eval_model, optimizer, lr_scheduler, saver, output_dir, loader_train,
+                  loader_eval, train_loss_fn, validate_loss_fn, device, amp_autocast, loss_scaler, model_dtype,
+                  mixup_fn, naflex_mode, scheduled_batch_mode, batch_size_reference, start_epoch, stop_at,
+                  num_epochs, eval_metric) -> List[Dict[str, Any]]:
+    """Epochs start_epoch..stop_at-1: train, evaluate, write the summary, checkpoint, step the schedule."""
+    drloc_on = args.drloc_lambda > 0
+    results = []
+    try:
+        for epoch in range(start_epoch, stop_at):
+            _set_loader_epoch(loader_train, epoch)
+            if drloc_on:
+                task.set_drloc_lambda(_drloc_lambda(args, epoch, num_epochs))
+            train_metrics = train_one_epoch(
+                epoch, model, loader_train, optimizer, args, task=task, device=device, lr_scheduler=lr_scheduler,
+                saver=saver, output_dir=output_dir, amp_autocast=amp_autocast, loss_scaler=loss_scaler,
+                model_dtype=model_dtype, mixup_fn=mixup_fn, naflex_mode=naflex_mode,
+                scheduled_batch_mode=scheduled_batch_mode, batch_size_reference=batch_size_reference)
+            if args.distributed and args.dist_bn in ('broadcast', 'reduce'):
+                utils.distribute_bn(model, args.world_size, args.dist_bn == 'reduce')
+
+            completed = epoch + 1
+            milestone = bool(args.save_epochs) and completed in args.save_epochs
+            if completed % args.val_interval != 0 and completed not in (num_epochs, stop_at) and not milestone:
+                if utils.is_primary(args):
+                    _logger.info(f'Epoch {epoch}: no eval or checkpoint (--val-interval {args.val_interval})')
+                if lr_scheduler is not None:
+                    lr_scheduler.step(completed, metric=None)
+                continue
+
+            eval_metrics = None
+            if loader_eval is not None:
+                eval_metrics = validate(eval_model, loader_eval, validate_loss_fn, args, device=device,
+                                        amp_autocast=amp_autocast, model_dtype=model_dtype, task=task)
+                if task.has_ema() and not args.model_ema_force_cpu:
+                    if args.distributed and args.dist_bn in ('broadcast', 'reduce'):
+                        utils.distribute_bn(task.get_trainable_module(ema=True), args.world_size,
+                                            args.dist_bn == 'reduce')
+                    eval_metrics = validate(task.get_eval_model(ema=True), loader_eval, validate_loss_fn, args,
+                                            device=device, amp_autocast=amp_autocast, log_suffix=' (EMA)', task=task)
+
+            if output_dir is not None:
+                lrs = [group['lr'] for group in optimizer.param_groups]
+                write_summary(os.path.join(output_dir, 'summary.csv'), epoch, train_metrics, eval_metrics,
+                              lr=sum(lrs) / len(lrs),
+                              extra={'drloc_lambda': task.drloc_lambda} if drloc_on else None,
+                              log_wandb=args.log_wandb and has_wandb)
+            latest_metric = (eval_metrics or train_metrics)[eval_metric]
+            if saver is not None:
+                saver.save_checkpoint(epoch, metric=latest_metric)
+                if milestone:
+                    saver.save_milestone(completed)
+            if lr_scheduler is not None:
+                lr_scheduler.step(completed, latest_metric)
+            results.append({'epoch': epoch, 'train': train_metrics, **({'validation': eval_metrics}
+                                                                        if eval_metrics is not None else {})})
+    except KeyboardInterrupt:
+        pass
+    return results
+
+
+def run() -> None:
+    """Console entry: main(), with input errors and non-finite losses reported as one line and a non-zero exit."""
+    try:
+        main()
+    except ConfigError as e:
+        _logger.error(f'error: {e}')
+        sys.exit(2)
+    except NonFiniteLossError as e:
+        _logger.error(f'error: {e}')
+        sys.exit(3)
+
+
+if __name__ == '__main__':
+    run()
