@@ -1,0 +1,413 @@
+"""Flag parity with timm's train.py, YAML configs, and bad input failing before any training step."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import timm_drloc.train as train
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Every flag of timm's train.py (huggingface/pytorch-image-models, main, Aug 2026), as
+# (option strings, dest, default, nargs, type name). Regenerate from upstream when timm adds flags.
+UPSTREAM_FLAGS = [
+    ((), 'data', None, '?', None),
+    (('--data-dir',), 'data_dir', None, None, None),
+    (('--dataset',), 'dataset', '', None, None),
+    (('--train-split',), 'train_split', 'train', None, None),
+    (('--val-split',), 'val_split', 'validation', None, None),
+    (('--train-num-samples',), 'train_num_samples', None, None, 'int'),
+    (('--val-num-samples',), 'val_num_samples', None, None, 'int'),
+    (('--dataset-download',), 'dataset_download', False, 0, None),
+    (('--class-map',), 'class_map', '', None, 'str'),
+    (('--input-img-mode',), 'input_img_mode', None, None, 'str'),
+    (('--input-key',), 'input_key', None, None, 'str'),
+    (('--target-key',), 'target_key', None, None, 'str'),
+    (('--dataset-trust-remote-code',), 'dataset_trust_remote_code', False, 0, None),
+    (('--model',), 'model', 'resnet50', None, 'str'),
+    (('--pretrained',), 'pretrained', False, 0, None),
+    (('--pretrained-path',), 'pretrained_path', None, None, 'str'),
+    (('--initial-checkpoint',), 'initial_checkpoint', '', None, 'str'),
+    (('--resume',), 'resume', '', None, 'str'),
+    (('--no-resume-opt',), 'no_resume_opt', False, 0, None),
+    (('--num-classes',), 'num_classes', None, None, 'int'),
+    (('--gp',), 'gp', None, None, 'str'),
+    (('--img-size',), 'img_size', None, None, 'int'),
+    (('--in-chans',), 'in_chans', None, None, 'int'),
+    (('--input-size',), 'input_size', None, 3, 'int'),
+    (('--crop-pct',), 'crop_pct', None, None, 'float'),
+    (('--mean',), 'mean', None, '+', 'float'),
+    (('--std',), 'std', None, '+', 'float'),
+    (('--interpolation',), 'interpolation', '', None, 'str'),
+    (('-b', '--batch-size'), 'batch_size', 128, None, 'int'),
+    (('-vb', '--validation-batch-size'), 'validation_batch_size', None, None, 'int'),
+    (('--channels-last',), 'channels_last', False, 0, None),
+    (('--fuser',), 'fuser', '', None, 'str'),
+    (('--grad-accum-steps',), 'grad_accum_steps', 1, None, 'int'),
+    (('--grad-checkpointing',), 'grad_checkpointing', False, 0, None),
+    (('--fast-norm',), 'fast_norm', False, 0, None),
+    (('--model-kwargs',), 'model_kwargs', {}, '*', None),
+    (('--head-init-scale',), 'head_init_scale', None, None, 'float'),
+    (('--head-init-bias',), 'head_init_bias', None, None, 'float'),
+    (('--torchcompile-mode',), 'torchcompile_mode', None, None, 'str'),
+    (('--torchscript',), 'torchscript', False, 0, None),
+    (('--torchcompile',), 'torchcompile', None, '?', 'str'),
+    (('--device',), 'device', 'cuda', None, 'str'),
+    (('--amp',), 'amp', False, 0, None),
+    (('--amp-dtype',), 'amp_dtype', 'float16', None, 'str'),
+    (('--model-dtype',), 'model_dtype', None, None, 'str'),
+    (('--no-ddp-bb',), 'no_ddp_bb', False, 0, None),
+    (('--synchronize-step',), 'synchronize_step', False, 0, None),
+    (('--local_rank',), 'local_rank', 0, None, 'int'),
+    (('--device-modules',), 'device_modules', None, '+', 'str'),
+    (('--opt',), 'opt', 'sgd', None, 'str'),
+    (('--opt-eps',), 'opt_eps', None, None, 'float'),
+    (('--opt-betas',), 'opt_betas', None, '+', 'float'),
+    (('--momentum',), 'momentum', 0.9, None, 'float'),
+    (('--weight-decay',), 'weight_decay', 2e-05, None, 'float'),
+    (('--clip-grad',), 'clip_grad', None, None, 'float'),
+    (('--clip-mode',), 'clip_mode', 'norm', None, 'str'),
+    (('--layer-decay',), 'layer_decay', None, None, 'float'),
+    (('--layer-decay-min-scale',), 'layer_decay_min_scale', 0, None, 'float'),
+    (('--layer-decay-no-opt-scale',), 'layer_decay_no_opt_scale', None, None, 'float'),
+    (('--opt-kwargs',), 'opt_kwargs', {}, '*', None),
+    (('--sched',), 'sched', 'cosine', None, 'str'),
+    (('--sched-on-updates',), 'sched_on_updates', False, 0, None),
+    (('--lr',), 'lr', None, None, 'float'),
+    (('--lr-base',), 'lr_base', 0.1, None, 'float'),
+    (('--lr-base-size',), 'lr_base_size', 256, None, 'int'),
+    (('--lr-base-scale',), 'lr_base_scale', '', None, 'str'),
+    (('--lr-noise',), 'lr_noise', None, '+', 'float'),
+    (('--lr-noise-pct',), 'lr_noise_pct', 0.67, None, 'float'),
+    (('--lr-noise-std',), 'lr_noise_std', 1.0, None, 'float'),
+    (('--lr-cycle-mul',), 'lr_cycle_mul', 1.0, None, 'float'),
+    (('--lr-cycle-decay',), 'lr_cycle_decay', 0.5, None, 'float'),
+    (('--lr-cycle-limit',), 'lr_cycle_limit', 1, None, 'int'),
+    (('--lr-k-decay',), 'lr_k_decay', 1.0, None, 'float'),
+    (('--warmup-lr',), 'warmup_lr', 1e-05, None, 'float'),
+    (('--min-lr',), 'min_lr', 0, None, 'float'),
+    (('--epochs',), 'epochs', 300, None, 'int'),
+    (('--epoch-repeats',), 'epoch_repeats', 0.0, None, 'float'),
+    (('--start-epoch',), 'start_epoch', None, None, 'int'),
+    (('--decay-milestones',), 'decay_milestones', [90, 180, 270], '+', 'int'),
+    (('--decay-epochs',), 'decay_epochs', 90, None, 'float'),
+    (('--warmup-epochs',), 'warmup_epochs', 5, None, 'int'),
+    (('--warmup-prefix',), 'warmup_prefix', False, 0, None),
+    (('--cooldown-epochs',), 'cooldown_epochs', 0, None, 'int'),
+    (('--patience-epochs',), 'patience_epochs', 10, None, 'int'),
+    (('--decay-rate', '--dr'), 'decay_rate', 0.1, None, 'float'),
+    (('--no-aug',), 'no_aug', False, 0, None),
+    (('--train-crop-mode',), 'train_crop_mode', None, None, 'str'),
+    (('--scale',), 'scale', [0.08, 1.0], '+', 'float'),
+    (('--ratio',), 'ratio', [0.75, 1.3333333333333333], '+', 'float'),
+    (('--hflip',), 'hflip', 0.5, None, 'float'),
+    (('--vflip',), 'vflip', 0.0, None, 'float'),
+    (('--color-jitter',), 'color_jitter', 0.4, None, 'float'),
+    (('--color-jitter-prob',), 'color_jitter_prob', None, None, 'float'),
+    (('--grayscale-prob',), 'grayscale_prob', None, None, 'float'),
+    (('--gaussian-blur-prob',), 'gaussian_blur_prob', None, None, 'float'),
+    (('--aa',), 'aa', None, None, 'str'),
+    (('--aug-repeats',), 'aug_repeats', 0, None, 'float'),
+    (('--aug-splits',), 'aug_splits', 0, None, 'int'),
+    (('--jsd-loss',), 'jsd_loss', False, 0, None),
+    (('--bce-loss',), 'bce_loss', False, 0, None),
+    (('--bce-sum',), 'bce_sum', False, 0, None),
+    (('--bce-target-thresh',), 'bce_target_thresh', None, None, 'float'),
+    (('--bce-pos-weight',), 'bce_pos_weight', None, None, 'float'),
+    (('--reprob',), 'reprob', 0.0, None, 'float'),
+    (('--remode',), 'remode', 'pixel', None, 'str'),
+    (('--recount',), 'recount', 1, None, 'int'),
+    (('--resplit',), 'resplit', False, 0, None),
+    (('--mixup',), 'mixup', 0.0, None, 'float'),
+    (('--cutmix',), 'cutmix', 0.0, None, 'float'),
+    (('--cutmix-minmax',), 'cutmix_minmax', None, '+', 'float'),
+    (('--mixup-prob',), 'mixup_prob', 1.0, None, 'float'),
+    (('--mixup-switch-prob',), 'mixup_switch_prob', 0.5, None, 'float'),
+    (('--mixup-mode',), 'mixup_mode', 'batch', None, 'str'),
+    (('--mixup-off-epoch',), 'mixup_off_epoch', 0, None, 'int'),
+    (('--smoothing',), 'smoothing', 0.1, None, 'float'),
+    (('--train-interpolation',), 'train_interpolation', 'random', None, 'str'),
+    (('--drop',), 'drop', 0.0, None, 'float'),
+    (('--drop-connect',), 'drop_connect', None, None, 'float'),
+    (('--drop-path',), 'drop_path', None, None, 'float'),
+    (('--drop-block',), 'drop_block', None, None, 'float'),
+    (('--bn-momentum',), 'bn_momentum', None, None, 'float'),
+    (('--bn-eps',), 'bn_eps', None, None, 'float'),
+    (('--sync-bn',), 'sync_bn', False, 0, None),
+    (('--dist-bn',), 'dist_bn', 'reduce', None, 'str'),
+    (('--split-bn',), 'split_bn', False, 0, None),
+    (('--model-ema',), 'model_ema', False, 0, None),
+    (('--model-ema-force-cpu',), 'model_ema_force_cpu', False, 0, None),
+    (('--model-ema-decay',), 'model_ema_decay', 0.9998, None, 'float'),
+    (('--model-ema-warmup',), 'model_ema_warmup', False, 0, None),
+    (('--seed',), 'seed', 42, None, 'int'),
+    (('--worker-seeding',), 'worker_seeding', 'all', None, 'str'),
+    (('--log-interval',), 'log_interval', 50, None, 'int'),
+    (('--val-interval',), 'val_interval', 1, None, 'int'),
+    (('--recovery-interval',), 'recovery_interval', 0, None, 'int'),
+    (('--checkpoint-hist',), 'checkpoint_hist', 10, None, 'int'),
+    (('-j', '--workers'), 'workers', 4, None, 'int'),
+    (('--save-images',), 'save_images', False, 0, None),
+    (('--pin-mem',), 'pin_mem', False, 0, None),
+    (('--no-prefetcher',), 'no_prefetcher', False, 0, None),
+    (('--output',), 'output', '', None, 'str'),
+    (('--experiment',), 'experiment', '', None, 'str'),
+    (('--eval-metric',), 'eval_metric', 'top1', None, 'str'),
+    (('--tta',), 'tta', 0, None, 'int'),
+    (('--use-multi-epochs-loader',), 'use_multi_epochs_loader', False, 0, None),
+    (('--log-wandb',), 'log_wandb', False, 0, None),
+    (('--wandb-project',), 'wandb_project', None, None, 'str'),
+    (('--wandb-tags',), 'wandb_tags', [], '+', 'str'),
+    (('--wandb-resume-id',), 'wandb_resume_id', '', None, 'str'),
+    (('--train-img-sizes',), 'train_img_sizes', None, '+', 'int'),
+    (('--train-batch-sizes',), 'train_batch_sizes', None, '+', 'int'),
+    (('--train-size-probs',), 'train_size_probs', None, '+', 'float'),
+    (('--train-size-schedule',), 'train_size_schedule', 'constant', None, 'str'),
+    (('--train-size-schedule-spread',), 'train_size_schedule_spread', 0.65, None, 'float'),
+    (('--train-size-random-mix',), 'train_size_random_mix', 0.1, None, 'float'),
+    (('--train-batches-per-epoch', '--train-steps-per-epoch'), 'train_batches_per_epoch', None, None, 'int'),
+    (('--variable-batch-loss-scale',), 'variable_batch_loss_scale', 'none', None, 'str'),
+    (('--naflex-loader',), 'naflex_loader', False, 0, None),
+    (('--naflex-train-seq-lens',), 'naflex_train_seq_lens', [128, 256, 576, 784, 1024], '+', 'int'),
+    (('--naflex-max-seq-len',), 'naflex_max_seq_len', 576, None, 'int'),
+    (('--naflex-patch-sizes',), 'naflex_patch_sizes', None, '+', 'int'),
+    (('--naflex-patch-size-probs',), 'naflex_patch_size_probs', None, '+', 'float'),
+    (('--naflex-loss-scale',), 'naflex_loss_scale', 'linear', None, 'str'),
+    (('--naflex-patchify-channels-first',), 'naflex_patchify_channels_first', False, 0, None),
+    (('--kd-model-name',), 'kd_model_name', None, None, 'str'),
+    (('--kd-distill-type',), 'kd_distill_type', 'logit', None, 'str'),
+    (('--kd-loss-type',), 'kd_loss_type', 'kl', None, 'str'),
+    (('--distill-loss-weight',), 'distill_loss_weight', None, None, 'float'),
+    (('--task-loss-weight',), 'task_loss_weight', None, None, 'float'),
+    (('--kd-temperature',), 'kd_temperature', 4.0, None, 'float'),
+    (('--kd-student-feature-dim',), 'kd_student_feature_dim', None, None, 'int'),
+    (('--kd-teacher-feature-dim',), 'kd_teacher_feature_dim', None, None, 'int'),
+    (('--kd-token-distill-type',), 'kd_token_distill_type', 'soft', None, 'str'),
+]
+UPSTREAM_CHOICES = {
+    'train_size_schedule': ('constant', 'progressive'),
+    'variable_batch_loss_scale': ('none', 'sqrt', 'linear'),
+    'naflex_loss_scale': ('none', 'sqrt', 'linear'),
+    'kd_distill_type': ('logit', 'feature', 'token'),
+    'kd_token_distill_type': ('soft', 'hard'),
+}
+# timm 1.0.31 additions (release tests: stop / milestone / in-place resume)
+RELEASE_FLAGS = {'--stop-epoch': ('stop_epoch', None), '--save-epochs': ('save_epochs', None)}
+DRLOC_FLAGS = {
+    '--drloc-lambda': 0.0, '--drloc-mode': 'l1', '--drloc-samples': 64, '--drloc-signed': False,
+    '--drloc-normalize': False, '--drloc-multiscale': False, '--drloc-hidden-dim': 512, '--drloc-layers': None,
+    '--drloc-warmup-epochs': 0, '--drloc-decay': False,
+}
+
+
+def _actions():
+    return {a.dest: a for a in train.parser._actions if a.dest != 'help'}
+
+
+@pytest.fixture
+def restore_parser_defaults():
+    """-c/--config goes through parser.set_defaults(), which changes the module-level parser: undo it."""
+    saved = dict(train.parser._defaults), [(a, a.default) for a in train.parser._actions]
+    yield
+    train.parser._defaults = saved[0]
+    for action, default in saved[1]:
+        action.default = default
+
+
+@pytest.mark.parametrize('options, dest, default, nargs, type_name', UPSTREAM_FLAGS,
+                         ids=[f[0][-1] if f[0] else f[1] for f in UPSTREAM_FLAGS])
+def test_every_timm_train_flag_is_accepted_with_the_same_default(options, dest, default, nargs, type_name):
+    action = _actions().get(dest)
+    assert action is not None, f'timm train.py flag {options or dest} is missing'
+    assert tuple(action.option_strings) == tuple(options)
+    assert action.default == default
+    assert action.nargs == nargs
+    assert (getattr(action.type, '__name__', None) if action.type else None) == type_name
+    if dest in UPSTREAM_CHOICES:
+        assert tuple(action.choices) == UPSTREAM_CHOICES[dest]
+
+
+def test_release_and_drloc_flags_have_their_defaults():
+    by_option = {o: a for a in train.parser._actions for o in a.option_strings}
+    for option, (dest, default) in RELEASE_FLAGS.items():
+        assert by_option[option].dest == dest and by_option[option].default == default
+    for option, default in DRLOC_FLAGS.items():
+        assert by_option[option].default == default, option
+    assert tuple(by_option['--drloc-mode'].choices) == ('l1', 'ce', 'cbr')
+
+
+def test_module_keeps_train_py_names():
+    for name in ('parser', 'config_parser', '_parse_args', 'main', 'create_model', 'train_one_epoch', 'validate'):
+        assert hasattr(train, name), name
+
+
+def test_train_drloc_script_import_is_the_training_module():
+    sys.path.insert(0, str(REPO))
+    try:
+        import train_drloc
+    finally:
+        sys.path.remove(str(REPO))
+    assert train_drloc is train
+
+
+def _parse(monkeypatch, *argv):
+    monkeypatch.setattr('sys.argv', ['train_drloc.py', *argv])
+    return train._parse_args()[0]
+
+
+def _parse_config(monkeypatch, tmp_path, cfg):
+    path = tmp_path / 'config.yaml'
+    path.write_text(yaml.safe_dump(cfg))
+    return _parse(monkeypatch, '-c', str(path), '--data-dir', str(tmp_path))
+
+
+@pytest.mark.usefixtures('restore_parser_defaults')
+def test_config_converts_strings_and_command_line_wins(monkeypatch, tmp_path):
+    path = tmp_path / 'config.yaml'
+    path.write_text('lr: 3e-4\ndrloc_lambda: "0.25"\ndrloc-mode: ce\nepochs: 7\nmean: ["0.5", 0.4, 0.3]\n')
+    args = _parse(monkeypatch, '-c', str(path), '--epochs', '3')
+    assert args.lr == 3e-4 and args.drloc_lambda == 0.25 and args.drloc_mode == 'ce'
+    assert args.epochs == 3 and args.mean == [0.5, 0.4, 0.3]
+
+
+@pytest.mark.usefixtures('restore_parser_defaults')
+def test_config_unknown_key_warns_and_is_ignored(monkeypatch, tmp_path, caplog):
+    args = _parse_config(monkeypatch, tmp_path, dict(drloc_lamda=0.5, drloc_samples=16))
+    assert 'drloc_lamda' in caplog.text and 'ignored' in caplog.text
+    assert args.drloc_samples == 16 and args.drloc_lambda == 0.0 and not hasattr(args, 'drloc_lamda')
+
+
+@pytest.mark.usefixtures('restore_parser_defaults')
+@pytest.mark.parametrize('cfg, message', [
+    (dict(drloc_mode='l2'), "drloc_mode='l2' is not one of"),
+    (dict(drloc_samples='many'), "drloc_samples='many' is not a valid int"),
+    (dict(drloc_samples=2.5), 'whole number'),
+    (dict(drloc_multiscale='yes'), 'must be true or false'),
+    (dict(drloc_layers='blocks.11'), 'must be a list'),
+    (dict(input_size=[3, 32]), 'needs 3 values'),
+    (dict(lr=[0.1]), 'must be a single value'),
+    (dict(model_kwargs=['img_size=32']), 'mapping'),
+])
+def test_config_wrong_type_is_rejected_with_the_key(monkeypatch, tmp_path, capsys, cfg, message):
+    with pytest.raises(SystemExit) as exc:
+        _parse_config(monkeypatch, tmp_path, cfg)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['--drloc-lambda', '-1'], '--drloc-lambda must be >= 0, got -1.0'),
+    (['--drloc-lambda', 'nan'], '--drloc-lambda must be >= 0, got nan'),
+    (['--drloc-samples', '0'], '--drloc-samples must be >= 1, got 0'),
+    (['--drloc-samples', '-4'], '--drloc-samples must be >= 1, got -4'),
+    (['--drloc-mode', 'l2'], "invalid choice: 'l2'"),
+    (['--drloc-hidden-dim', '0'], '--drloc-hidden-dim must be >= 1'),
+    (['--drloc-lambda', '0.5', '--kd-model-name', 'resnet18'], 'cannot be combined with --kd-model-name'),
+    (['--drloc-lambda', '0.5', '--torchscript'], 'use --torchcompile instead'),
+    (['--drloc-lambda', '0.5', '--naflex-loader'], 'DRLoc needs a square token grid'),
+])
+def test_bad_drloc_flags_exit_at_parse_time(monkeypatch, capsys, argv, message):
+    with pytest.raises(SystemExit) as exc:
+        _parse(monkeypatch, '--data-dir', '/data', *argv)
+    assert exc.value.code == 2
+    assert message.lower() in capsys.readouterr().err.lower()
+
+
+def test_drloc_flags_without_lambda_warn_they_do_nothing(monkeypatch, caplog):
+    args = _parse(monkeypatch, '--data-dir', '/data', '--drloc-multiscale', '--drloc-decay')
+    assert args.drloc_lambda == 0.0
+    assert '--drloc-multiscale, --drloc-decay given but --drloc-lambda is 0' in caplog.text
+
+
+# ---- bad input through main(): fails before any epoch, with the value and the fix ----------------------
+
+def _no_training(*args, **kwargs):
+    raise AssertionError('training started although the input was bad')
+
+
+def _vit_args(data, *extra, model_kwargs=('img_size=32', 'patch_size=8', 'depth=1', 'embed_dim=32', 'num_heads=2')):
+    return ['--data-dir', str(data), '--model', 'vit_tiny_patch16_224', '--model-kwargs', *model_kwargs,
+            '--img-size', str(dict(k.split('=') for k in model_kwargs).get('img_size', 32)),
+            '--device', 'cpu', '-j', '0', '-b', '8', '--epochs', '1', *extra]
+
+
+def _crafted_checkpoint(path: Path, marker: Path) -> Path:
+    class Payload:
+        def __reduce__(self):
+            return (marker.write_text, ('code ran',))
+    torch.save({'epoch': 0, 'state_dict': {}, 'payload': Payload()}, path)
+    return path
+
+
+BAD_INPUT = {
+    'missing data dir': (lambda d, t: _vit_args(t / 'nowhere', '--drloc-lambda', '0.5'),
+                         'does not exist; pass the dataset root with --data-dir'),
+    'drloc multiscale on a ViT': (lambda d, t: _vit_args(d, '--drloc-lambda', '0.5', '--drloc-multiscale'),
+                                  'multiscale'),
+    'drloc layers naming no module': (lambda d, t: _vit_args(d, '--drloc-lambda', '0.5', '--drloc-layers',
+                                                             'blocks.99'), 'blocks.99'),
+    'image too small for a grid': (lambda d, t: _vit_args(d, '--drloc-lambda', '0.5', model_kwargs=(
+        'img_size=8', 'patch_size=8', 'depth=1', 'embed_dim=32', 'num_heads=2')), '1x1'),
+    'fixed-size model at another size': (lambda d, t: _vit_args(d, '--drloc-lambda', '0.5', model_kwargs=(
+        'patch_size=8', 'depth=1', 'embed_dim=32', 'num_heads=2')), '--model-kwargs img_size=32'),
+    'unknown model': (lambda d, t: ['--data-dir', str(d), '--model', 'not_a_model', '--device', 'cpu'],
+                      '--model not_a_model'),
+    'resume missing file': (lambda d, t: _vit_args(d, '--resume', str(t / 'gone.pth.tar')),
+                            'gone.pth.tar: no such file'),
+    'resume corrupt file': (lambda d, t: _vit_args(d, '--resume', str(_write(t / 'bad.pth.tar', b'PK\x03\x04 cut'))),
+                            'bad.pth.tar: cannot read this checkpoint'),
+    'resume pickled code': (lambda d, t: _vit_args(d, '--resume', str(_crafted_checkpoint(
+        t / 'evil.pth.tar', t / 'marker.txt'))), 'evil.pth.tar: cannot read this checkpoint'),
+    'num classes disagree with data': (lambda d, t: _vit_args(d, '--num-classes', '2'),
+                                       'the data has 3 classes but the model has 2 outputs'),
+    'stop epoch out of range': (lambda d, t: _vit_args(d, '--stop-epoch', '5'), '--stop-epoch 5 is out of range'),
+    'cuda asked on a CPU machine': (lambda d, t: _vit_args(d, '--device', 'cuda'),
+                                    'pass --device cpu'),
+}
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+@pytest.mark.parametrize('case', list(BAD_INPUT))
+def test_bad_input_fails_before_training_with_a_clear_message(monkeypatch, tmp_path, image_folder, case):
+    if case == 'cuda asked on a CPU machine' and torch.cuda.is_available():
+        pytest.skip('this machine has CUDA')
+    make_argv, message = BAD_INPUT[case]
+    monkeypatch.setattr(train, 'train_one_epoch', _no_training)
+    monkeypatch.setattr('sys.argv', ['train_drloc.py', *make_argv(image_folder, tmp_path),
+                                     '--output', str(tmp_path / 'out'), '--experiment', 'bad'])
+    with pytest.raises(ValueError) as exc:
+        train.main()
+    assert message in str(exc.value)
+    assert not (tmp_path / 'out' / 'bad' / 'summary.csv').exists()
+    assert not (tmp_path / 'marker.txt').exists(), 'a pickled object in a checkpoint ran code'
+
+
+def test_one_class_data_dir_is_rejected(monkeypatch, tmp_path, image_folder_factory):
+    data = image_folder_factory(num_classes=1)
+    monkeypatch.setattr(train, 'train_one_epoch', _no_training)
+    monkeypatch.setattr('sys.argv', ['train_drloc.py', *_vit_args(data), '--output', str(tmp_path / 'out')])
+    with pytest.raises(ValueError, match='has 1 class folder'):
+        train.main()
+
+
+def test_resume_auto_needs_an_experiment(monkeypatch, tmp_path, image_folder, capsys):
+    monkeypatch.setattr('sys.argv', ['train_drloc.py', *_vit_args(image_folder, '--resume', 'auto')])
+    with pytest.raises(SystemExit):
+        train.main()
+    assert '--resume auto continues in place in the experiment folder' in capsys.readouterr().err
+
+
+def test_command_line_error_is_one_line_and_exit_code_2(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(REPO / 'train_drloc.py'), '--data-dir', str(tmp_path / 'nowhere'), '--device', 'cpu',
+         '--drloc-lambda', '0.5'], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert f"data dir '{tmp_path / 'nowhere'}' does not exist" in proc.stderr
+    assert 'Traceback' not in proc.stderr
