@@ -1,0 +1,715 @@
+"""Hugging Face Hub: export DRLoc-trained models to timm's Hub format, and upload them.
+
+An export is a folder that plain timm loads, with no timm_drloc import:
+
+    config.json         architecture, num_classes, label_names, model_args and the pretrained_cfg
+                        (mean / std / input size / crop) the model was trained with
+    model.safetensors   the backbone's state_dict only: the DRLoc heads are training state
+    README.md           model card: library_name timm, tags, the DRLoc training recipe and results
+
+    >>> timm_drloc.export('output/train/run/model_best.pth.tar', 'export/run')
+    >>> model = timm.create_model('local-dir:export/run', pretrained=True)
+
+Writing the folder and uploading it are timm's and huggingface_hub's own functions (`save_for_hf`,
+`generate_readme`, `HfApi`); this module decides what goes into them. Checkpoints are read with
+`torch.load(weights_only=True)` (allowing the argparse.Namespace timm's checkpoint saver stores), so a
+checkpoint whose pickle would run code is refused. The Hub token is read by huggingface_hub from
+HF_TOKEN or the `hf auth login` file; it is never passed through args, printed, or written anywhere.
+
+`check_push_args()` and `push_after_training()` are the two calls a training script makes for
+`--push-to-hub`: the first before training, the second at the end.
+"""
+import argparse
+import csv
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+
+_logger = logging.getLogger(__name__)
+
+HUB_MODEL_CHOICES = ('best', 'last', 'ema')
+EXPORT_FILES = ('config.json', 'model.safetensors', 'README.md')
+DEFAULT_EXPORT_DIR = 'hub_export'
+
+PAPER_CITATION = """@inproceedings{liu2021efficient,
+  title={Efficient Training of Visual Transformers with Small Datasets},
+  author={Liu, Yahui and Sangineto, Enver and Bi, Wei and Sebe, Nicu and Lepri, Bruno and De Nadai, Marco},
+  booktitle={Advances in Neural Information Processing Systems (NeurIPS)},
+  year={2021}
+}"""
+
+_DESCRIPTION = (
+    "An image classification model trained with the Dense Relative Localization (DRLoc) auxiliary loss "
+    "(Liu et al., \"Efficient Training of Visual Transformers with Small Datasets\", NeurIPS 2021) with "
+    "timm-drloc. The DRLoc heads are used only during training: these weights are a plain timm model and "
+    "load without timm-drloc.")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# reading training checkpoints
+
+def load_training_checkpoint(path: Union[str, Path]) -> Dict[str, Any]:
+    """Read a timm / timm-drloc training checkpoint safely.
+
+    Args:
+        path: a `.pth.tar` / `.pth` file written by timm's CheckpointSaver (or `torch.save` of a state
+            dict), or a `.safetensors` file.
+
+    Returns:
+        The checkpoint dict ('state_dict', 'args', 'epoch', ...) or {'state_dict': tensors} for a
+        bare state dict.
+
+    Raises:
+        FileNotFoundError: `path` is not a file.
+        ValueError: the file is truncated or corrupt, or its pickle holds objects other than tensors,
+            containers, plain values and argparse.Namespace (it could run code: it is not loaded).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Checkpoint '{path}' does not exist (or is not a file). Pass the path of a "
+                                f"checkpoint written by training, e.g. output/train/<run>/model_best.pth.tar.")
+    if path.suffix == '.safetensors':
+        import safetensors.torch
+        try:
+            return {'state_dict': safetensors.torch.load_file(str(path), device='cpu')}
+        except Exception as e:
+            raise ValueError(f"Checkpoint '{path}' is not a readable safetensors file ({e}). "
+                             f"It may be truncated: export from an intact copy.") from e
+    from timm.utils import load_checkpoint_metadata
+    try:
+        checkpoint = load_checkpoint_metadata(str(path))
+    except Exception as e:
+        raise ValueError(_unreadable_message(path, e)) from e
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"Checkpoint '{path}' holds a {type(checkpoint).__name__}, not a dict of tensors or a "
+                         f"training checkpoint. Save the model's state_dict() instead of the module.")
+    if 'state_dict' not in checkpoint and checkpoint and all(torch.is_tensor(v) for v in checkpoint.values()):
+        checkpoint = {'state_dict': checkpoint}
+    return checkpoint
+
+
+def _unreadable_message(path: Path, error: Exception) -> str:
+    text = str(error)
+    if 'weights_only' in text or 'globals' in text.lower():
+        unsafe = ''
+        try:
+            found = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+            unsafe = f" (it references {', '.join(found)})" if found else ''
+        except Exception:
+            pass
+        return (f"Refusing to load checkpoint '{path}': its pickle holds objects other than tensors and plain "
+                f"values{unsafe}, and loading them could run code. Only load checkpoints written by timm / "
+                f"timm-drloc training, or a safetensors file.")
+    return (f"Checkpoint '{path}' is truncated or corrupt and cannot be read ({type(error).__name__}: {text}). "
+            f"Export from an intact checkpoint (last.pth.tar, model_best.pth.tar or an older checkpoint-*.pth.tar).")
+
+
+def checkpoint_args(checkpoint: Dict[str, Any]) -> Dict[str, Any]:
+    """The training arguments saved in a checkpoint ('args', an argparse.Namespace or dict) as a dict."""
+    args = checkpoint.get('args')
+    if isinstance(args, argparse.Namespace):
+        return dict(vars(args))
+    return dict(args) if isinstance(args, dict) else {}
+
+
+def checkpoint_state_dict(checkpoint: Dict[str, Any], use_ema: bool = False, path: Any = '') -> Dict[str, torch.Tensor]:
+    """The backbone weights of a checkpoint: 'state_dict' (or 'state_dict_ema'), without DRLoc heads.
+
+    A DRLocModel's own state_dict ('model.*' backbone keys and 'heads.*' head keys) is accepted too.
+    """
+    from timm.models import clean_state_dict
+    key = 'state_dict_ema' if use_ema else 'state_dict'
+    state_dict = checkpoint.get(key)
+    if state_dict is None:
+        if use_ema:
+            raise ValueError(f"Checkpoint '{path}' has no EMA weights ('state_dict_ema'): the run was trained "
+                             f"without --model-ema. Export without --ema (use_ema=False).")
+        raise ValueError(f"Checkpoint '{path}' has no 'state_dict' entry (keys: {sorted(checkpoint)[:8]}). "
+                         f"Pass a checkpoint written by training or a saved model state_dict.")
+    state_dict = clean_state_dict(state_dict)
+    if any(k.startswith('heads.') for k in state_dict) and all(
+            k.startswith(('model.', 'heads.')) for k in state_dict):
+        state_dict = {k[len('model.'):]: v for k, v in state_dict.items() if k.startswith('model.')}
+    return state_dict
+
+
+def read_summary(experiment_dir: Union[str, Path]) -> List[Dict[str, str]]:
+    """The rows of `summary.csv` in a timm experiment folder ([] when there is none)."""
+    path = Path(experiment_dir) / 'summary.csv'
+    if not path.is_file():
+        return []
+    try:
+        with path.open(newline='') as f:
+            return list(csv.DictReader(f))
+    except (OSError, csv.Error, UnicodeDecodeError) as e:
+        _logger.warning(f"Could not read '{path}' ({e}); the model card will have no results.")
+        return []
+
+
+# ---------------------------------------------------------------------------------------------------------
+# building the model a checkpoint was trained as
+
+def _model_kwargs_from_args(args: Dict[str, Any], model_kwargs: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    kwargs = dict(args.get('model_kwargs') or {})
+    kwargs.update(model_kwargs or {})
+    input_size = args.get('input_size')
+    if args.get('in_chans') and 'in_chans' not in kwargs:
+        kwargs['in_chans'] = args['in_chans']
+    elif input_size and 'in_chans' not in kwargs:
+        kwargs['in_chans'] = input_size[0]
+    if args.get('gp') and 'global_pool' not in kwargs:
+        kwargs['global_pool'] = args['gp']
+    return kwargs
+
+
+def build_model(
+        model_name: str,
+        state_dict: Dict[str, torch.Tensor],
+        num_classes: Optional[int] = None,
+        model_kwargs: Optional[Dict[str, Any]] = None,
+        img_size: Optional[Sequence[int]] = None,
+        source: Any = '',
+) -> nn.Module:
+    """Create the timm model `model_name` and load `state_dict` into it (strict).
+
+    Args:
+        model_name: timm architecture name.
+        state_dict: backbone weights.
+        num_classes: classifier size (default: the model's default).
+        model_kwargs: extra `timm.create_model` arguments.
+        img_size: (H, W) the model was trained at; passed to models that take `img_size` (ViT, Swin...).
+        source: where the weights came from, for error messages.
+
+    Returns:
+        The model in eval mode.
+    """
+    import timm
+    kwargs = dict(model_kwargs or {})
+    if num_classes is not None:
+        kwargs['num_classes'] = int(num_classes)
+    try:
+        if img_size is not None and 'img_size' not in kwargs:
+            try:
+                model = timm.create_model(model_name, img_size=tuple(img_size), **kwargs)
+            except TypeError as e:
+                if 'img_size' not in str(e):
+                    raise
+                model = timm.create_model(model_name, **kwargs)  # CNNs take any size: no img_size argument
+        else:
+            model = timm.create_model(model_name, **kwargs)
+    except RuntimeError as e:
+        if 'Unknown model' in str(e):
+            raise ValueError(f"Unknown model '{model_name}'. Pass the timm architecture the checkpoint was trained "
+                             f"as with --model (model_name=...); `timm.list_models()` lists them.") from e
+        raise
+    try:
+        model.load_state_dict(state_dict, strict=True)
+    except RuntimeError as e:
+        first_lines = '\n'.join(str(e).splitlines()[:4])
+        raise ValueError(
+            f"The weights in '{source}' do not fit {model_name} built with {kwargs}: {first_lines}\n"
+            f"Pass the --model, --num-classes and --model-kwargs (model_name, num_classes, model_kwargs) the "
+            f"run was trained with.") from e
+    return model.eval()
+
+
+def _classifier_size(model_name: str, state_dict: Dict[str, torch.Tensor]) -> Optional[int]:
+    """Number of classes read from the classifier weight's shape (None when it cannot be found)."""
+    from timm.models import get_pretrained_cfg_value
+    try:
+        classifier = get_pretrained_cfg_value(model_name, 'classifier')
+    except Exception:
+        return None
+    names = classifier if isinstance(classifier, (list, tuple)) else [classifier]
+    weight = state_dict.get(f'{names[0]}.weight') if names and names[0] else None
+    return int(weight.shape[0]) if weight is not None else None
+
+
+def _requested_img_size(args: Dict[str, Any]) -> Optional[tuple]:
+    if args.get('input_size'):
+        return tuple(args['input_size'][-2:])
+    size = args.get('img_size')
+    if size is None:
+        return None
+    return (size, size) if isinstance(size, int) else tuple(size)
+
+
+def training_data_config(model: nn.Module, args: Dict[str, Any]) -> Dict[str, Any]:
+    """The preprocessing a run trained with (input_size, mean, std, crop_pct, interpolation, crop_mode),
+    resolved from its saved arguments and the model the way timm's train.py resolves it."""
+    from timm.data import resolve_data_config
+    keys = ('input_size', 'img_size', 'in_chans', 'mean', 'std', 'crop_pct', 'interpolation', 'crop_mode')
+    return resolve_data_config({k: args[k] for k in keys if args.get(k) is not None}, model=model)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# model card
+
+def _schedule_text(args: Dict[str, Any]) -> str:
+    warmup = int(args.get('drloc_warmup_epochs') or 0)
+    decay = bool(args.get('drloc_decay'))
+    if not warmup and not decay:
+        return 'constant'
+    parts = [f'linear warm-up from 0 over {warmup} epochs'] if warmup else []
+    if decay:
+        parts.append('linear decay to 0 at the last epoch')
+    return ', then '.join(parts)
+
+
+def _dataset_name(args: Dict[str, Any]) -> Optional[str]:
+    dataset = args.get('dataset') or ''
+    if '/' in dataset:
+        dataset = dataset.split('/', 1)[1]  # 'torch/cifar10' -> 'cifar10'
+    if not dataset and args.get('data_dir'):
+        dataset = Path(str(args['data_dir'])).name  # only the folder name: no local paths in the card
+    return dataset or None
+
+
+def _summary_results(rows: List[Dict[str, str]], epoch: Optional[int]) -> Dict[str, str]:
+    """Top-1 / top-5 of the last epoch and of the exported checkpoint's epoch, from summary.csv rows."""
+    results = {}
+    rows = [r for r in rows if r.get('eval_top1') not in (None, '')]
+    if not rows:
+        return results
+
+    def fmt(row, key):
+        try:
+            return f"{float(row[key]):.2f}"
+        except (KeyError, TypeError, ValueError):
+            return None
+
+    last = rows[-1]
+    for key, label in (('eval_top1', 'Top-1'), ('eval_top5', 'Top-5')):
+        value = fmt(last, key)
+        if value is not None:
+            results[f"{label} (final epoch {last.get('epoch', '?')})"] = f'{value} %'
+    if epoch is not None:
+        match = [r for r in rows if str(r.get('epoch')) == str(epoch)]
+        if match and match[-1] is not last:
+            for key, label in (('eval_top1', 'Top-1'), ('eval_top5', 'Top-5')):
+                value = fmt(match[-1], key)
+                if value is not None:
+                    results[f"{label} (exported checkpoint, epoch {epoch})"] = f'{value} %'
+    return results
+
+
+def training_recipe(
+        args: Dict[str, Any],
+        summary_rows: Sequence[Dict[str, str]] = (),
+        epoch: Optional[int] = None,
+        metric: Optional[float] = None,
+) -> Dict[str, Any]:
+    """The training recipe shown in the model card, from a run's saved arguments and summary.csv.
+
+    Only named fields are read (never the whole args), so nothing private reaches the card.
+    """
+    recipe: Dict[str, Any] = {}
+    dataset = _dataset_name(args)
+    if dataset:
+        recipe['Dataset'] = dataset
+    if args.get('epochs') is not None:
+        recipe['Epochs'] = args['epochs']
+    if args.get('drloc_lambda') is not None:
+        recipe['DRLoc lambda'] = args['drloc_lambda']
+    for key, label in (('drloc_mode', 'DRLoc mode'), ('drloc_samples', 'DRLoc samples per image')):
+        if args.get(key) is not None:
+            recipe[label] = args[key]
+    if args.get('drloc_lambda') is not None:
+        recipe['DRLoc lambda schedule'] = _schedule_text(args)
+    if args.get('drloc_normalize') is not None:
+        recipe['DRLoc targets'] = 'divided by the grid size' if args['drloc_normalize'] else 'grid offsets (reference code)'
+    if args.get('drloc_multiscale'):
+        recipe['DRLoc multi-scale'] = True
+    for key, label in (('opt', 'Optimizer'), ('lr', 'Learning rate'), ('sched', 'LR schedule'),
+                       ('batch_size', 'Batch size'), ('weight_decay', 'Weight decay')):
+        if args.get(key) is not None:
+            recipe[label] = args[key]
+    recipe.update(_summary_results(list(summary_rows), epoch))
+    if metric is not None and not any(k.startswith('Top-1') for k in recipe):
+        recipe['Eval metric of the exported checkpoint'] = metric
+    return recipe
+
+
+def model_card(
+        model: nn.Module,
+        recipe: Dict[str, Any],
+        data_config: Dict[str, Any],
+        repo_id: Optional[str] = None,
+        license: str = 'apache-2.0',
+) -> str:
+    """README.md text for an export: front matter (library_name timm, tags, license, dataset), model
+    details, the DRLoc training recipe, usage and the DRLoc paper citation. Built by timm's generate_readme."""
+    from timm.models._hub import generate_readme
+    architecture = model.pretrained_cfg.get('architecture', type(model).__name__)
+    source = f"hf-hub:{repo_id}" if repo_id else 'local-dir:/path/to/this/folder'
+    details = {
+        'Model Type': 'Image classification',
+        'Architecture': architecture,
+        'Params (M)': round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
+        'Image size': 'x'.join(str(s) for s in data_config.get('input_size', ())[-2:]),
+        'Training': 'DRLoc auxiliary loss (dense relative localization) + classification',
+        'Papers': {'DRLoc': 'https://arxiv.org/abs/2106.03746'},
+    }
+    if recipe.get('Dataset'):
+        details['Dataset'] = recipe['Dataset']
+    if recipe:
+        details['Training recipe'] = {k: v for k, v in recipe.items() if k != 'Dataset'}
+    usage = (
+        "```python\n"
+        "import timm\n"
+        "import torch\n\n"
+        f"model = timm.create_model('{source}', pretrained=True).eval()\n"
+        "data_config = timm.data.resolve_data_config({}, model=model)\n"
+        "transform = timm.data.create_transform(**data_config, is_training=False)\n"
+        "with torch.no_grad():\n"
+        "    probabilities = model(transform(image).unsqueeze(0)).softmax(-1)\n"
+        "```\n")
+    card = {
+        'tags': ['image-classification', 'timm', 'drloc', 'vision-transformer-small-data'],
+        'library_name': 'timm',
+        'license': license,
+        'description': _DESCRIPTION,
+        'details': details,
+        'usage': usage,
+        'citation': PAPER_CITATION,
+    }
+    return generate_readme(card, repo_id.split('/')[-1] if repo_id else architecture)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# export
+
+def _plain_model(obj: nn.Module, use_ema: bool) -> nn.Module:
+    """The timm backbone inside a DRLocTask / DRLocModel / EMA / DDP / compile wrapper."""
+    from timm.utils.model import unwrap_model
+    from .model import unwrap
+    from .task import DRLocTask
+    if isinstance(obj, DRLocTask):
+        obj = obj.get_eval_model(ema=use_ema)
+        if obj is None:
+            raise ValueError("The DRLocTask has no EMA model: call setup_ema() during training, or export with "
+                             "use_ema=False.")
+    model = unwrap(unwrap_model(unwrap(obj)))
+    if not hasattr(model, 'pretrained_cfg'):
+        raise ValueError(f"export() needs a timm model (made by timm.create_model); got {type(model).__name__}. "
+                         f"Wrap a timm model, or export one of its training checkpoints.")
+    return model
+
+
+def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"Export folder '{out_dir}' is a file. Pass a folder path.")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        raise FileExistsError(
+            f"Export folder '{out_dir}' is not empty. Pass overwrite=True (--overwrite) to replace its "
+            f"{', '.join(EXPORT_FILES)}, or choose an empty folder.")
+
+
+def export(
+        model_or_checkpoint: Union[nn.Module, str, Path],
+        out_dir: Union[str, Path],
+        *,
+        model_name: Optional[str] = None,
+        num_classes: Optional[int] = None,
+        label_names: Optional[Sequence[str]] = None,
+        data_config: Optional[Dict[str, Any]] = None,
+        recipe: Optional[Dict[str, Any]] = None,
+        overwrite: bool = False,
+        use_ema: bool = False,
+        model_kwargs: Optional[Dict[str, Any]] = None,
+        repo_id: Optional[str] = None,
+) -> Path:
+    """Write a model or a training checkpoint as a folder in timm's Hub format, without DRLoc heads.
+
+    Args:
+        model_or_checkpoint: a timm model, DRLocModel or DRLocTask, or the path of a training checkpoint.
+        out_dir: the folder to write (created; must be empty unless `overwrite`).
+        model_name: timm architecture of a checkpoint (default: the checkpoint's saved `args.model`).
+        num_classes: classes of a checkpoint (default: `args.num_classes`, else taken from the weights' shapes).
+        label_names: class names, index order (written to config.json `label_names`).
+        data_config: preprocessing used in training (input_size, mean, std, crop_pct, interpolation, ...);
+            default: resolved from the checkpoint's args, or from the model (its current input size, and
+            its pretrained_cfg's mean / std).
+        recipe: model card recipe entries, added to (and overriding) those read from the checkpoint.
+        overwrite: replace config.json / model.safetensors / README.md in a non-empty `out_dir`.
+        use_ema: export the EMA weights ('state_dict_ema', or the task's EMA model).
+        model_kwargs: extra `timm.create_model` arguments for a checkpoint (default: `args.model_kwargs`).
+        repo_id: Hub repo the folder is meant for (only used in the model card's usage snippet).
+
+    Returns:
+        `out_dir` as a Path, holding config.json, model.safetensors and README.md.
+
+    Example:
+        >>> out = timm_drloc.export('output/train/run/model_best.pth.tar', 'export/run')
+        >>> model = timm.create_model(f'local-dir:{out}', pretrained=True)
+    """
+    from timm.models import save_for_hf
+    out_dir = Path(out_dir)
+    _check_out_dir(out_dir, overwrite)
+    args: Dict[str, Any] = {}
+    card_recipe: Dict[str, Any] = {}
+    if isinstance(model_or_checkpoint, nn.Module):
+        model = _plain_model(model_or_checkpoint, use_ema)
+        if model_name is not None and model_name != model.pretrained_cfg.get('architecture'):
+            raise ValueError(f"model_name='{model_name}' but the model is a "
+                             f"'{model.pretrained_cfg.get('architecture')}'; leave model_name out for a model.")
+        if num_classes is not None and num_classes != model.num_classes:
+            raise ValueError(f"num_classes={num_classes} but the model has {model.num_classes} classes.")
+    else:
+        path = Path(model_or_checkpoint)
+        checkpoint = load_training_checkpoint(path)
+        args = checkpoint_args(checkpoint)
+        state_dict = checkpoint_state_dict(checkpoint, use_ema=use_ema, path=path)
+        model_name = model_name or args.get('model') or checkpoint.get('arch')
+        if not model_name or not isinstance(model_name, str):
+            raise ValueError(f"Checkpoint '{path}' does not record its model: pass the timm architecture with "
+                             f"--model NAME (model_name=...).")
+        if num_classes is None:
+            num_classes = args.get('num_classes') or _classifier_size(model_name, state_dict)
+        model = build_model(
+            model_name, state_dict, num_classes=num_classes,
+            model_kwargs=_model_kwargs_from_args(args, model_kwargs), img_size=_requested_img_size(args),
+            source=path)
+        epoch = checkpoint.get('epoch')
+        card_recipe = training_recipe(args, read_summary(path.parent), epoch, checkpoint.get('metric'))
+    model = model.eval()
+    if data_config is None:
+        data_config = training_data_config(model, args) if args else {}  # {}: timm uses the model's own
+    data_config = {k: v for k, v in data_config.items() if k in (
+        'input_size', 'img_size', 'mean', 'std', 'crop_pct', 'crop_mode', 'interpolation',
+        'test_input_size', 'test_crop_pct') and v is not None}
+    model_config: Dict[str, Any] = {}
+    if label_names is not None:
+        label_names = [str(n) for n in label_names]
+        if len(label_names) != model.num_classes:
+            raise ValueError(f"{len(label_names)} label names for a model with {model.num_classes} classes; pass "
+                             f"one name per class, in class-index order.")
+        model_config['label_names'] = label_names
+    card_recipe.update(recipe or {})
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f'.{out_dir.name}.', dir=out_dir.parent))
+    try:
+        save_for_hf(model, str(staging), model_config=model_config, safe_serialization=True,
+                    data_config=data_config)
+        resolved = {'input_size': tuple(_read_pretrained_cfg(staging).get('input_size', ()))}
+        (staging / 'README.md').write_text(
+            model_card(model, card_recipe, resolved, repo_id=repo_id), encoding='utf-8')
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for name in EXPORT_FILES:  # whole files into place: never a half-written export
+            os.replace(staging / name, out_dir / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    _logger.info(f"Exported {model.pretrained_cfg.get('architecture')} to '{out_dir}'.")
+    return out_dir
+
+
+def _read_pretrained_cfg(folder: Path) -> Dict[str, Any]:
+    import json
+    return json.loads((folder / 'config.json').read_text()).get('pretrained_cfg', {})
+
+
+# ---------------------------------------------------------------------------------------------------------
+# upload
+
+def push_to_hub(
+        folder_or_model: Union[str, Path, nn.Module],
+        repo_id: str,
+        *,
+        private: bool = False,
+        token: Optional[str] = None,
+        commit_message: str = 'Add timm model trained with DRLoc',
+        revision: Optional[str] = None,
+) -> str:
+    """Upload an exported folder (or a model, exported first to a temporary folder) to the Hub.
+
+    Args:
+        folder_or_model: a folder written by `export()`, or anything `export()` takes.
+        repo_id: 'user/name' (created when missing).
+        private: create the repo private.
+        token: a Hub token; default: huggingface_hub's own lookup (HF_TOKEN, then `hf auth login`).
+        commit_message: the Hub commit message.
+        revision: branch to push to (default: main).
+
+    Returns:
+        The repo URL.
+    """
+    from huggingface_hub import HfApi
+    from timm import __version__ as timm_version
+    if isinstance(folder_or_model, (str, Path)) and Path(folder_or_model).is_dir():
+        folder = Path(folder_or_model)
+        missing = [n for n in EXPORT_FILES if not (folder / n).is_file()]
+        if missing:
+            raise ValueError(f"'{folder}' is not an export folder: {', '.join(missing)} missing. Make it with "
+                             f"timm_drloc.export() (timm-drloc export).")
+        api = HfApi(token=token, library_name='timm', library_version=timm_version)
+        repo_url = api.create_repo(repo_id, private=private, exist_ok=True)
+        api.upload_folder(
+            repo_id=getattr(repo_url, 'repo_id', repo_id), folder_path=str(folder),
+            allow_patterns=list(EXPORT_FILES), commit_message=commit_message, revision=revision)
+        return str(repo_url)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = export(folder_or_model, Path(tmp) / 'export', repo_id=repo_id)
+        return push_to_hub(folder, repo_id, private=private, token=token, commit_message=commit_message,
+                           revision=revision)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# training-script integration
+
+def check_push_args(args: argparse.Namespace) -> None:
+    """Check `--push-to-hub` settings before training starts, so a run does not fail after hours.
+
+    Reads `args.push_to_hub` (repo id or None/''), `args.hub_model` ('best' | 'last' | 'ema', default
+    'best') and `args.model_ema` (needed for 'ema'). Does nothing when `push_to_hub` is empty. The token
+    is looked up (HF_TOKEN, `hf auth login`) but not kept, printed or stored in `args`.
+
+    Raises:
+        ValueError: bad repo id, bad `hub_model`, 'ema' without `model_ema`, or no Hub token available.
+    """
+    repo_id = getattr(args, 'push_to_hub', None)
+    if not repo_id:
+        return
+    from huggingface_hub import get_token
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        raise ValueError(f"--push-to-hub '{repo_id}' is not a Hub repo id ({e}). Use 'user/name'.") from e
+    hub_model = getattr(args, 'hub_model', None) or 'best'
+    if hub_model not in HUB_MODEL_CHOICES:
+        raise ValueError(f"--hub-model '{hub_model}' is not one of {', '.join(HUB_MODEL_CHOICES)}.")
+    if hub_model == 'ema' and not getattr(args, 'model_ema', False):
+        raise ValueError("--hub-model ema needs EMA weights: add --model-ema, or use --hub-model best/last.")
+    if not get_token():
+        raise ValueError(
+            f"--push-to-hub {repo_id} needs a Hugging Face token and none was found. Set the HF_TOKEN "
+            f"environment variable or run `hf auth login` (huggingface-cli login) before training, or drop "
+            f"--push-to-hub and export later with `timm-drloc export`. Training was not started.")
+
+
+def _is_rank_zero(args: argparse.Namespace) -> bool:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank() == 0
+    return int(getattr(args, 'rank', 0) or 0) == 0
+
+
+def hub_checkpoint(output_dir: Union[str, Path], hub_model: str = 'best') -> Path:
+    """The checkpoint `--hub-model` names in an experiment folder: model_best.pth.tar for 'best' (last.pth.tar
+    when the run saved no best), last.pth.tar for 'last' and 'ema' (whose EMA weights are exported)."""
+    output_dir = Path(output_dir)
+    best, last = output_dir / 'model_best.pth.tar', output_dir / 'last.pth.tar'
+    if hub_model == 'best' and best.is_file():
+        return best
+    return last
+
+
+def push_after_training(
+        args: argparse.Namespace,
+        output_dir: Union[str, Path],
+        checkpoint_path: Optional[Union[str, Path]] = None,
+        data_config: Optional[Dict[str, Any]] = None,
+        class_names: Optional[Sequence[str]] = None,
+) -> int:
+    """At the end of training (all ranks may call; only rank 0 works): export, then upload.
+
+    Reads from `args`: `push_to_hub` (repo id; nothing happens when empty), `hub_private`, `hub_model`
+    ('best' | 'last' | 'ema'), and, through the checkpoint's saved args, `model`, `num_classes`,
+    `model_kwargs`, `img_size` / `input_size`, `dataset`, `epochs` and the `drloc_*` settings for the card.
+    `rank` (or torch.distributed) decides rank 0.
+
+    Args:
+        args: the training arguments.
+        output_dir: the experiment folder (summary.csv, last.pth.tar, model_best.pth.tar).
+        checkpoint_path: the checkpoint to export; default: picked by `args.hub_model` (see hub_checkpoint).
+        data_config: the training preprocessing (timm's resolved data_config); default: from the checkpoint.
+        class_names: class names in index order (e.g. the train dataset's classes), for config.json.
+
+    Returns:
+        0 on success (or nothing to do); 1 when the export failed, 2 when the upload failed. The
+        checkpoints are only read; on failure the export folder, when written, is kept and logged.
+    """
+    repo_id = getattr(args, 'push_to_hub', None)
+    if not repo_id or not _is_rank_zero(args):
+        return 0
+    hub_model = getattr(args, 'hub_model', None) or 'best'
+    output_dir = Path(output_dir)
+    checkpoint = Path(checkpoint_path) if checkpoint_path else hub_checkpoint(output_dir, hub_model)
+    folder = output_dir / DEFAULT_EXPORT_DIR
+    try:
+        export(checkpoint, folder, data_config=data_config, label_names=class_names, overwrite=True,
+               use_ema=hub_model == 'ema', repo_id=repo_id)
+    except Exception as e:
+        _logger.error(f"Export of '{checkpoint}' for the Hub failed: {e}. The checkpoints are unchanged; "
+                      f"export them later with `timm-drloc export {checkpoint} OUT_DIR --push-to-hub {repo_id}`.")
+        return 1
+    try:
+        url = push_to_hub(folder, repo_id, private=bool(getattr(args, 'hub_private', False)))
+    except Exception as e:
+        _logger.error(
+            f"Upload to the Hub repo '{repo_id}' failed ({type(e).__name__}: {e}). The export is kept in "
+            f"'{folder}' and the checkpoints are unchanged; upload it later with "
+            f"`hf upload {repo_id} {folder}` or timm_drloc.push_to_hub('{folder}', '{repo_id}').")
+        return 2
+    _logger.info(f"Uploaded the {hub_model} model to {url} (export kept in '{folder}').")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# command line
+
+def _parser() -> argparse.ArgumentParser:
+    from timm.utils import ParseKwargs
+    parser = argparse.ArgumentParser(
+        prog='timm-drloc export',
+        description="Export a training checkpoint to a folder in timm's Hub format (config.json, "
+                    "model.safetensors, README.md) that plain timm loads; optionally upload it.")
+    parser.add_argument('checkpoint', help='training checkpoint (.pth.tar / .pth / .safetensors)')
+    parser.add_argument('out_dir', help='folder to write (must be empty unless --overwrite)')
+    parser.add_argument('--model', default=None,
+                        help="timm architecture (default: the checkpoint's saved args.model)")
+    parser.add_argument('--num-classes', type=int, default=None,
+                        help="classifier size (default: the checkpoint's saved args.num_classes)")
+    parser.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs,
+                        help='extra timm.create_model arguments, k=v ...')
+    parser.add_argument('--label-names', nargs='+', default=None, help='class names, in class-index order')
+    parser.add_argument('--ema', action='store_true', help="export the EMA weights ('state_dict_ema')")
+    parser.add_argument('--overwrite', action='store_true', help='replace the export files in a non-empty OUT_DIR')
+    parser.add_argument('--push-to-hub', default=None, metavar='REPO_ID',
+                        help='upload the folder to this Hub repo (token: HF_TOKEN or `hf auth login`)')
+    parser.add_argument('--hub-private', action='store_true', help='create the Hub repo private')
+    return parser
+
+
+def export_main(argv: Optional[List[str]] = None) -> int:
+    """`timm-drloc export CHECKPOINT OUT_DIR [--model NAME] ...`; returns the exit code."""
+    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format='%(message)s')
+    try:
+        if args.push_to_hub:
+            check_push_args(argparse.Namespace(push_to_hub=args.push_to_hub, hub_model='best'))
+        folder = export(
+            args.checkpoint, args.out_dir, model_name=args.model, num_classes=args.num_classes,
+            label_names=args.label_names, overwrite=args.overwrite, use_ema=args.ema,
+            model_kwargs=args.model_kwargs, repo_id=args.push_to_hub)
+    except (ValueError, OSError) as e:
+        print(f"timm-drloc export: error: {e}", file=sys.stderr)
+        return 2
+    print(f"Exported to {folder}: load it with timm.create_model('local-dir:{folder}', pretrained=True)")
+    if args.push_to_hub:
+        try:
+            url = push_to_hub(folder, args.push_to_hub, private=args.hub_private)
+        except Exception as e:
+            print(f"timm-drloc export: upload to '{args.push_to_hub}' failed ({type(e).__name__}: {e}). "
+                  f"The export is kept in '{folder}'.", file=sys.stderr)
+            return 1
+        print(f"Uploaded to {url}")
+    return 0
