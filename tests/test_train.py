@@ -1,0 +1,186 @@
+"""End-to-end train_drloc runs on generated ImageFolder data with tiny timm models on CPU."""
+import copy
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from timm.utils import load_checkpoint_metadata
+
+import timm_drloc.train as train
+
+VIT_KWARGS = ['img_size=32', 'patch_size=8', 'depth=2', 'embed_dim=32', 'num_heads=2']  # 4x4 token grid
+
+
+def _argv(data, out, experiment, *extra, model='vit_tiny_patch16_224', model_kwargs=VIT_KWARGS, img_size=32):
+    return ['train_drloc.py', '--data-dir', str(data), '--model', model, '--model-kwargs', *model_kwargs,
+            '--img-size', str(img_size), '--num-classes', '3', '--device', 'cpu', '-j', '0', '-b', '8',
+            '--opt', 'adamw', '--lr', '3e-3', '--warmup-epochs', '0', '--no-aug', '--log-interval', '1',
+            '--output', str(out), '--experiment', experiment, *extra]
+
+
+def _run(monkeypatch, argv):
+    monkeypatch.setattr('sys.argv', argv)
+    train.main()
+
+
+def _summary(exp_dir: Path):
+    with (exp_dir / 'summary.csv').open() as f:
+        return list(csv.DictReader(f))
+
+
+EVAL_IN_PLAIN_TIMM = r'''
+import json, sys
+import timm, torch
+from timm.data import create_dataset, create_loader, resolve_data_config
+name, checkpoint, data, kwargs = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
+model = timm.create_model(name, num_classes=3, checkpoint_path=checkpoint, **kwargs).eval()
+config = resolve_data_config({'img_size': kwargs.get('img_size', 32)}, model=model)
+loader = create_loader(create_dataset('', root=data, split='validation'), input_size=config['input_size'],
+                       batch_size=8, mean=config['mean'], std=config['std'], crop_pct=config['crop_pct'],
+                       interpolation=config['interpolation'], num_workers=0, device=torch.device('cpu'))
+correct = total = 0
+with torch.no_grad():
+    for images, labels in loader:
+        correct += (model(images).argmax(-1) == labels).sum().item()
+        total += labels.numel()
+print(json.dumps({'top1': 100.0 * correct / total, 'drloc_imported': 'timm_drloc' in sys.modules}))
+'''
+
+
+def test_drloc_run_writes_timm_outputs_and_a_plain_timm_checkpoint(monkeypatch, tmp_path, image_folder):
+    _run(monkeypatch, _argv(image_folder, tmp_path, 'run', '--epochs', '2', '--drloc-lambda', '0.5'))
+    exp = tmp_path / 'run'
+    rows = _summary(exp)
+    assert list(rows[0]) == ['epoch', 'train_loss', 'train_drloc_loss', 'eval_loss', 'eval_top1', 'eval_top5', 'lr',
+                             'drloc_lambda']
+    assert [int(r['epoch']) for r in rows] == [0, 1]
+    assert all(float(r['drloc_lambda']) == 0.5 for r in rows)
+    assert all(0 < float(r['train_drloc_loss']) < 10 for r in rows)  # L1 on offsets of a 4x4 grid
+    for name in ('last', 'model_best', 'checkpoint-0', 'checkpoint-1'):
+        assert (exp / f'{name}.pth.tar').exists(), name
+    assert yaml.safe_load((exp / 'args.yaml').read_text())['drloc_lambda'] == 0.5
+
+    checkpoint = torch.load(exp / 'last.pth.tar', map_location='cpu', weights_only=False)
+    assert not any(k.startswith(('heads.', 'model.')) for k in checkpoint['state_dict'])
+    assert 'drloc_heads' in checkpoint['task_state']
+
+    kwargs = {k: int(v) for k, v in (kv.split('=') for kv in VIT_KWARGS)}
+    proc = subprocess.run(
+        [sys.executable, '-c', EVAL_IN_PLAIN_TIMM, 'vit_tiny_patch16_224', str(exp / 'last.pth.tar'),
+         str(image_folder), json.dumps(kwargs)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert not result['drloc_imported']
+    assert result['top1'] == pytest.approx(float(rows[-1]['eval_top1']))
+
+
+def test_plain_run_without_drloc_has_timm_columns_and_no_task_state(monkeypatch, tmp_path, image_folder):
+    _run(monkeypatch, _argv(image_folder, tmp_path, 'plain', '--epochs', '1'))
+    rows = _summary(tmp_path / 'plain')
+    assert list(rows[0]) == ['epoch', 'train_loss', 'eval_loss', 'eval_top1', 'eval_top5', 'lr']
+    checkpoint = load_checkpoint_metadata(tmp_path / 'plain' / 'last.pth.tar')
+    assert 'task_state' not in checkpoint
+
+
+def _capture_resume(monkeypatch, captured):
+    original = train.resume_task_checkpoint
+
+    def resume(task, path, **kwargs):
+        epoch = original(task, path, **kwargs)
+        captured['heads'] = {k: v.clone() for k, v in task.get_task_state()['drloc_heads'].items()}
+        captured['optimizer'] = copy.deepcopy(kwargs['optimizer'].state_dict())  # training goes on in place
+        captured['path'] = path
+        return epoch
+    monkeypatch.setattr(train, 'resume_task_checkpoint', resume)
+
+
+def test_resume_restores_heads_optimizer_and_lambda_schedule(monkeypatch, tmp_path, image_folder):
+    # reference schedule: lambda ramps 0 -> 0.5 over 2 epochs, then decays to 0 at the end of epoch 4
+    common = ('--epochs', '4', '--drloc-lambda', '0.5', '--drloc-warmup-epochs', '2', '--drloc-decay',
+              '--resume', 'auto')
+    _run(monkeypatch, _argv(image_folder, tmp_path, 'resume', *common, '--stop-epoch', '2'))
+    exp = tmp_path / 'resume'
+    saved = torch.load(exp / 'last.pth.tar', map_location='cpu', weights_only=False)
+    assert saved['epoch'] == 1
+
+    captured = {}
+    _capture_resume(monkeypatch, captured)
+    _run(monkeypatch, _argv(image_folder, tmp_path, 'resume', *common))
+    assert captured['path'] == str(exp / 'last.pth.tar')
+    for key, value in saved['task_state']['drloc_heads'].items():
+        assert torch.equal(captured['heads'][key], value), key
+    state_saved = saved['optimizer']['state']
+    state_loaded = captured['optimizer']['state']
+    assert state_saved.keys() == state_loaded.keys()
+    assert all(torch.equal(state_loaded[i]['exp_avg'], state_saved[i]['exp_avg']) for i in state_saved)
+
+    rows = _summary(exp)
+    assert [int(r['epoch']) for r in rows] == [0, 1, 2, 3]
+    assert [float(r['drloc_lambda']) for r in rows] == pytest.approx([0.0, 0.25, 0.5, 0.25])
+    assert load_checkpoint_metadata(exp / 'last.pth.tar')['epoch'] == 3
+
+
+def _one_epoch(monkeypatch, tmp_path, data, name, *extra, **kw):
+    _run(monkeypatch, _argv(data, tmp_path, name, '--epochs', '1', '--drloc-lambda', '0.5', *extra, **kw))
+    rows = _summary(tmp_path / name)
+    assert len(rows) == 1
+    assert float(rows[0]['train_drloc_loss']) > 0 and float(rows[0]['train_loss']) == float(rows[0]['train_loss'])
+    return rows[0], load_checkpoint_metadata(tmp_path / name / 'last.pth.tar')
+
+
+def test_model_ema_run_checkpoints_ema_weights_and_heads(monkeypatch, tmp_path, image_folder):
+    _, checkpoint = _one_epoch(monkeypatch, tmp_path, image_folder, 'ema', '--model-ema', '--model-ema-decay', '0.5')
+    assert checkpoint['state_dict_ema'].keys() == checkpoint['state_dict'].keys()
+    assert 'drloc_heads' in checkpoint['task_state_ema']
+
+
+def test_amp_bfloat16_run(monkeypatch, tmp_path, image_folder):
+    row, _ = _one_epoch(monkeypatch, tmp_path, image_folder, 'amp', '--amp', '--amp-dtype', 'bfloat16')
+    assert 0 <= float(row['eval_top1']) <= 100
+
+
+@pytest.mark.parametrize('mix', [['--mixup', '0.8', '--cutmix', '1.0'], ['--mixup', '0.8', '--no-prefetcher']],
+                         ids=['mixup-cutmix-prefetcher', 'mixup-host'])
+def test_mixup_cutmix_run(monkeypatch, tmp_path, image_folder, mix):
+    row, _ = _one_epoch(monkeypatch, tmp_path, image_folder, 'mix', *mix)
+    assert float(row['train_loss']) > 0
+
+
+def test_config_file_run(monkeypatch, tmp_path, image_folder, restore_parser_defaults_train):
+    config = tmp_path / 'drloc.yaml'
+    config.write_text('drloc_lambda: 0.25\ndrloc_mode: ce\ndrloc_samples: 16\nlr: 1e-3\nepochs: 1\n')
+    _run(monkeypatch, _argv(image_folder, tmp_path, 'cfg', '-c', str(config)))
+    rows = _summary(tmp_path / 'cfg')
+    assert [float(r['drloc_lambda']) for r in rows] == [0.25]
+    args = yaml.safe_load((tmp_path / 'cfg' / 'args.yaml').read_text())
+    assert args['drloc_mode'] == 'ce' and args['drloc_samples'] == 16
+    assert args['lr'] == 3e-3  # the command line wins over the config file
+
+
+@pytest.fixture
+def restore_parser_defaults_train():
+    saved = dict(train.parser._defaults), [(a, a.default) for a in train.parser._actions]
+    yield
+    train.parser._defaults = saved[0]
+    for action, default in saved[1]:
+        action.default = default
+
+
+def test_swin_multiscale_run_has_a_head_per_stage(monkeypatch, tmp_path, image_folder):
+    swin = ['img_size=32', 'window_size=2', 'embed_dim=16', 'depths=(1,1,1)', 'num_heads=(1,2,4)']
+    _, checkpoint = _one_epoch(monkeypatch, tmp_path, image_folder, 'swin', '--drloc-multiscale',
+                               model='swin_tiny_patch4_window7_224', model_kwargs=swin)
+    heads = {k.split('.')[0] for k in checkpoint['task_state']['drloc_heads']}
+    assert len(heads) == 3, sorted(checkpoint['task_state']['drloc_heads'])
+
+
+def test_resnet_run_with_signed_cbr_targets(monkeypatch, tmp_path, image_folder_factory):
+    data = image_folder_factory(size=64)  # resnet10t: 2x2 final grid at 64x64
+    row, _ = _one_epoch(monkeypatch, tmp_path, data, 'resnet', '--drloc-mode', 'cbr', '--drloc-signed',
+                        model='resnet10t', model_kwargs=[], img_size=64)
+    assert float(row['drloc_lambda']) == 0.5
