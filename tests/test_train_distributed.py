@@ -1,0 +1,74 @@
+"""torchrun --nproc_per_node 2 on CPU (gloo): the run completes, ranks agree, drloc loss is the mean over ranks."""
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Runs train_drloc in each rank and dumps, after every epoch, the rank's DRLoc model weights and the
+# (local, reduced) values that went through the epoch-end mean over ranks.
+RANK_DUMP = r'''
+import os, sys
+import torch
+import timm_drloc.train as train
+from timm_drloc import unwrap
+
+dump_dir = os.environ['DUMP_DIR']
+rank = int(os.environ['RANK'])
+reduced = []
+mean_over_ranks = train._mean_over_ranks
+def recording_mean(values, args, device):
+    out = mean_over_ranks(values, args, device)
+    reduced.append((list(values), list(out)))
+    return out
+train._mean_over_ranks = recording_mean
+
+train_one_epoch = train.train_one_epoch
+def dumping_train_one_epoch(epoch, model, *args, task=None, **kwargs):
+    metrics = train_one_epoch(epoch, model, *args, task=task, **kwargs)
+    drloc = task.get_trainable_module().module  # DDP -> DRLocModel
+    state = {k: v.detach().clone() for k, v in drloc.state_dict().items()}
+    torch.save({'state': state, 'epoch_end': reduced[-1], 'metrics': dict(metrics)},
+               os.path.join(dump_dir, f'rank{rank}-epoch{epoch}.pt'))
+    return metrics
+train.train_one_epoch = dumping_train_one_epoch
+sys.argv = ['train_drloc.py'] + sys.argv[1:]
+train.run()
+'''
+
+
+def test_torchrun_two_ranks_agree_and_log_the_mean_drloc_loss(tmp_path, image_folder):
+    script = tmp_path / 'rank_dump.py'
+    script.write_text(RANK_DUMP)
+    env = dict(os.environ, DUMP_DIR=str(tmp_path), PYTHONPATH=str(REPO), OMP_NUM_THREADS='1')
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2', str(script),
+           '--data-dir', str(image_folder), '--model', 'vit_tiny_patch16_224', '--model-kwargs', 'img_size=32',
+           'patch_size=8', 'depth=2', 'embed_dim=32', 'num_heads=2', '--img-size', '32', '--device', 'cpu',
+           '-j', '0', '-b', '4', '--epochs', '2', '--opt', 'adamw', '--lr', '3e-3', '--warmup-epochs', '0',
+           '--no-aug', '--drloc-lambda', '0.5', '--output', str(tmp_path), '--experiment', 'ddp']
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=540, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert 'Distributed training: process 1 of 2' in proc.stderr + proc.stdout
+
+    with (tmp_path / 'ddp' / 'summary.csv').open() as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r['epoch']) for r in rows] == [0, 1]
+    for epoch, row in enumerate(rows):
+        ranks = [torch.load(tmp_path / f'rank{r}-epoch{epoch}.pt', weights_only=False) for r in (0, 1)]
+        # model and DRLoc heads identical on both ranks after the epoch's updates
+        assert ranks[0]['state'].keys() == ranks[1]['state'].keys()
+        assert any(k.startswith('heads.') for k in ranks[0]['state'])
+        for key, value in ranks[0]['state'].items():
+            assert torch.equal(value, ranks[1]['state'][key]), key
+        # epoch-end values: [loss avg, drloc avg] local per rank, then the mean over ranks
+        local = [rank['epoch_end'][0] for rank in ranks]
+        assert local[0] != local[1], 'ranks saw the same data: the distributed sampler is not in use'
+        mean = [(a + b) / 2 for a, b in zip(*local)]
+        assert ranks[0]['epoch_end'][1] == pytest.approx(mean, rel=1e-6)
+        assert float(row['train_loss']) == pytest.approx(mean[0], rel=1e-6)
+        assert float(row['train_drloc_loss']) == pytest.approx(mean[1], rel=1e-6)
