@@ -184,3 +184,87 @@ def test_resnet_run_with_signed_cbr_targets(monkeypatch, tmp_path, image_folder_
     row, _ = _one_epoch(monkeypatch, tmp_path, data, 'resnet', '--drloc-mode', 'cbr', '--drloc-signed',
                         model='resnet10t', model_kwargs=[], img_size=64)
     assert float(row['drloc_lambda']) == 0.5
+
+
+# ---- reliability: non-finite losses, killed runs, corrupt checkpoints -----------------------------------
+
+def _nan_drloc_at_call(monkeypatch, bad_call: int):
+    """Make the DRLoc loss NaN on the `bad_call`-th training forward (1-based)."""
+    build_task = train._build_task
+    calls = {'n': 0}
+
+    def build(*args, **kwargs):
+        task = build_task(*args, **kwargs)
+        forward = task.forward
+
+        def poisoned(input, target):
+            result = forward(input, target)
+            calls['n'] += 1
+            if calls['n'] == bad_call:
+                result['drloc_loss'] = result['drloc_loss'] * float('nan')
+                result['loss'] = result['task_loss'] + task.drloc_lambda * result['drloc_loss']
+            return result
+        task.forward = poisoned
+        return task
+    monkeypatch.setattr(train, '_build_task', build)
+
+
+def test_nan_drloc_loss_stops_with_step_and_term_and_keeps_last_checkpoint(monkeypatch, tmp_path, image_folder,
+                                                                          caplog):
+    _nan_drloc_at_call(monkeypatch, bad_call=5)  # 3 batches per epoch: epoch 1, step 1
+    monkeypatch.setattr('sys.argv', _argv(image_folder, tmp_path, 'nan', '--epochs', '2', '--drloc-lambda', '0.5'))
+    with pytest.raises(SystemExit) as exc:
+        train.run()
+    assert exc.value.code == 3
+    assert 'non-finite drloc_loss at epoch 1, step 1' in caplog.text
+    exp = tmp_path / 'nan'
+    assert [int(r['epoch']) for r in _summary(exp)] == [0]
+    assert load_checkpoint_metadata(exp / 'last.pth.tar')['epoch'] == 0
+    assert (exp / 'last.pth.tar').read_bytes() == (exp / 'checkpoint-0.pth.tar').read_bytes()
+
+
+def test_killed_mid_epoch_then_resume_auto_finishes_each_epoch_once(monkeypatch, tmp_path, image_folder_factory):
+    data = image_folder_factory(images_per_class=16)  # 48 images, batch 4: 12 steps per epoch
+    argv = _argv(data, tmp_path, 'killed', '--epochs', '3', '--drloc-lambda', '0.5', '--resume', 'auto', '-b', '4')
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve().parents[1] / 'train_drloc.py'), *argv[1:]],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stderr:
+            if 'Train: 1 [   3/12' in line:
+                proc.kill()  # SIGKILL, mid-way through epoch 1
+                break
+    finally:
+        proc.kill()
+        proc.wait(timeout=60)
+    exp = tmp_path / 'killed'
+    saved = torch.load(exp / 'last.pth.tar', map_location='cpu', weights_only=False)
+    assert saved['epoch'] == 0, 'the kill did not land in epoch 1'
+    assert [int(r['epoch']) for r in _summary(exp)] == [0]
+
+    captured = {}
+    _capture_resume(monkeypatch, captured)
+    _run(monkeypatch, argv)
+    for key, value in saved['task_state']['drloc_heads'].items():
+        assert torch.equal(captured['heads'][key], value), key
+    assert all(torch.equal(captured['optimizer']['state'][i]['exp_avg'], s['exp_avg'])
+               for i, s in saved['optimizer']['state'].items())
+    assert [int(r['epoch']) for r in _summary(exp)] == [0, 1, 2]
+    assert not list(exp.glob('*.tmp')) and not (exp / 'tmp.pth.tar').exists()
+
+
+def test_resume_auto_skips_a_corrupt_last_checkpoint(monkeypatch, tmp_path, image_folder, caplog):
+    common = ('--epochs', '3', '--drloc-lambda', '0.5', '--resume', 'auto')
+    _run(monkeypatch, _argv(image_folder, tmp_path, 'corrupt', *common, '--stop-epoch', '2'))
+    exp = tmp_path / 'corrupt'
+    last = exp / 'last.pth.tar'
+    good = last.read_bytes()
+    last.unlink()  # a new, truncated file: checkpoint-1 (a link to the old one) stays good
+    last.write_bytes(good[:len(good) // 2])
+
+    captured = {}
+    _capture_resume(monkeypatch, captured)
+    _run(monkeypatch, _argv(image_folder, tmp_path, 'corrupt', *common))
+    assert f'{last} is unreadable' in caplog.text
+    assert captured['path'] == str(exp / 'checkpoint-1.pth.tar')
+    assert [int(r['epoch']) for r in _summary(exp)] == [0, 1, 2]
+    assert load_checkpoint_metadata(last)['epoch'] == 2

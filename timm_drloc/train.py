@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import sys
 import time
 from collections import OrderedDict
@@ -522,7 +523,7 @@ def _scheduled_epochs(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Output folder, resume and summary
+# Output folder, checkpoints, resume and summary
 # ---------------------------------------------------------------------------------------------------------
 
 def _experiment_dir(args: argparse.Namespace, input_size: Sequence[int]) -> str:
@@ -530,6 +531,29 @@ def _experiment_dir(args: argparse.Namespace, input_size: Sequence[int]) -> str:
     name = args.experiment or '-'.join([
         datetime.now().strftime('%Y%m%d-%H%M%S'), safe_model_name(args.model), str(input_size[-1])])
     return os.path.join(args.output if args.output else './output/train', name)
+
+
+class AtomicCheckpointSaver(utils.CheckpointSaver):
+    """timm's CheckpointSaver, with every file it writes appearing whole or not at all.
+
+    timm already writes `last` (and recovery files) to a temporary file and renames it into place. The
+    copies it makes of `last` (checkpoint-N, model_best, milestone-N) are hard links, or byte copies where
+    links are not possible; here they too go through a temporary name and an atomic rename, so a run killed
+    mid-save never leaves a truncated checkpoint, and the previous model_best stays until the new one is whole.
+    """
+
+    def _duplicate(self, src: str, dst: str) -> None:
+        tmp = dst + '.tmp'
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        try:
+            if not self.can_hardlink:
+                raise OSError('hard links disabled')
+            os.link(src, tmp)
+        except (OSError, NotImplementedError):
+            self.can_hardlink = False
+            shutil.copy2(src, tmp)
+        os.replace(tmp, dst)
 
 
 def _readable_checkpoint(path: str) -> Optional[str]:
@@ -556,7 +580,7 @@ def _auto_resume_path(exp_dir: str) -> Optional[str]:
     for name in os.listdir(exp_dir):
         stem = name[:-len(CHECKPOINT_EXT)] if name.endswith(CHECKPOINT_EXT) else ''
         prefix, _, number = stem.rpartition('-')
-        if prefix in ('checkpoint', 'milestone', 'recovery') and number.isdigit():
+        if prefix in ('checkpoint', 'milestone') and number.isdigit():
             path = os.path.join(exp_dir, name)
             candidates.append((os.path.getmtime(path), path))
     for _, path in sorted(candidates, reverse=True):
@@ -1362,7 +1386,7 @@ def _setup_output(args, args_text, output_dir, model, optimizer, loss_scaler, ta
                   resume_path, in_place, start_epoch) -> utils.CheckpointSaver:
     """Primary process: the experiment folder, args.yaml, the checkpoint saver and summary.csv state, wandb."""
     output_dir = utils.get_outdir(output_dir)
-    saver = utils.CheckpointSaver(
+    saver = AtomicCheckpointSaver(
         model=model, optimizer=optimizer, args=args, amp_scaler=loss_scaler, checkpoint_dir=output_dir,
         recovery_dir=output_dir, decreasing=decreasing_metric, max_history=args.checkpoint_hist, task=task)
     summary_path = os.path.join(output_dir, 'summary.csv')
