@@ -1,0 +1,289 @@
+"""What DRLoc costs per training step: DRLocTask against timm's ClassificationTask.
+
+Both tasks train two copies of the same model (same weights) on the same batch, in one process. Steps
+alternate between the two (which one goes first flips every round, so neither profits from a warmer
+cache), each step is forward + backward + optimizer step, and the step time reported is the median of
+`--steps` steps after `--warmup` warm-up steps, in wall-clock time (the headline ratio) and in process
+CPU time (steadier when other processes share the cores: their work does not count). Peak memory is measured on one extra step per task:
+
+* CUDA: `torch.cuda.max_memory_allocated()` during the step, minus what was allocated before it.
+* CPU: the peak of live bytes allocated by torch's CPU allocator during the step, minus the bytes live
+  at its start, read from torch.profiler's memory events (activations, gradients, optimizer state
+  created in the step, temporaries). It is not the process RSS: allocator caching, Python objects and
+  shared libraries are not in it. The first optimizer step creates AdamW state, so warm-up comes first.
+
+The head alone (sampling, gather, MLP, L1 loss; forward and backward) is also timed against the
+reference code's approach as PAPER.md describes it, re-implemented here: pair positions drawn on the
+CPU and copied to the grid's device, the whole feature map permuted and copied to a (C, B*H*W) matrix
+before an index gather. Both run on the same grids (each model's real grid shape) with the same MLP.
+
+    python benchmarks/overhead.py                      # CPU, the three default models, batch 8
+    python benchmarks/overhead.py --device cuda --amp --batch-size 64 --compile
+"""
+import argparse
+import copy
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+DEFAULT_MODELS = ('swin_tiny_patch4_window7_224', 'vit_small_patch16_224', 'resnet50')
+
+
+@dataclass
+class StepStats:
+    """Median wall-clock and process-CPU seconds of a step, and its peak memory (bytes), for one task."""
+    seconds: float
+    cpu_seconds: float
+    peak_bytes: int
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--models', nargs='+', default=list(DEFAULT_MODELS), help='timm model names')
+    parser.add_argument('--device', default='cpu', help="'cpu' or 'cuda' (default: cpu)")
+    parser.add_argument('--batch-size', type=int, default=8)
+    parser.add_argument('--img-size', type=int, default=224)
+    parser.add_argument('--samples', type=int, default=64, help='DRLoc pairs per image (m)')
+    parser.add_argument('--hidden-dim', type=int, default=512, help='DRLoc MLP width')
+    parser.add_argument('--multiscale', action='store_true', help='one DRLoc head per stage (hierarchical models)')
+    parser.add_argument('--amp', action='store_true', help='bfloat16 autocast')
+    parser.add_argument('--compile', action='store_true', help='torch.compile both tasks (task.compile())')
+    parser.add_argument('--steps', type=int, default=7, help='timed steps per task (median reported)')
+    parser.add_argument('--warmup', type=int, default=2, help='untimed steps per task first')
+    parser.add_argument('--head-steps', type=int, default=30, help='timed steps of the head-alone comparison')
+    parser.add_argument('--skip-head', action='store_true', help='do not run the head-alone comparison')
+    parser.add_argument('--opt', default='adamw', help="timm optimizer for both tasks (default: adamw)")
+    parser.add_argument('--seed', type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.steps < 5:
+        parser.error(f'--steps {args.steps}: use at least 5 timed steps so the median means something.')
+    if args.device.startswith('cuda') and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: torch sees no CUDA device here. Use --device cpu.")
+    return args
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def make_step(task: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
+              amp: bool) -> Callable[[], None]:
+    """One training step of `task` on a fixed batch: images (B, 3, H, W), labels (B,)."""
+    device = images.device
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
+            result = task(images, labels)
+        result['loss'].backward()
+        optimizer.step()
+        synchronize(device)
+    return step
+
+
+def peak_step_memory(step: Callable[[], None], device: torch.device) -> int:
+    """Peak bytes allocated by torch during one call of `step`, above what was live before it."""
+    if device.type == 'cuda':
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        start = torch.cuda.memory_allocated(device)
+        step()
+        return torch.cuda.max_memory_allocated(device) - start
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = [e for e in prof.profiler.kineto_results.events()
+              if e.name() == '[memory]' and str(e.device_type()).endswith('CPU')]
+    live, peak = 0, 0
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        live += event.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
+def time_alternating(steps: Dict[str, Callable[[], None]], num_steps: int, warmup: int
+                     ) -> Tuple[Dict[str, List[float]], Dict[str, List[float]]]:
+    """Run the steps in turn (order flipped every round).
+
+    Returns:
+        (wall, cpu): per name, the wall-clock and the process CPU seconds of each timed step. CPU time
+        is the steadier of the two on a shared machine (other processes do not add to it).
+    """
+    names = list(steps)
+    for _ in range(warmup):
+        for name in names:
+            steps[name]()
+    wall = {name: [] for name in names}
+    cpu = {name: [] for name in names}
+    for i in range(num_steps):
+        for name in (names if i % 2 == 0 else names[::-1]):
+            start, start_cpu = time.perf_counter(), time.process_time()
+            steps[name]()
+            wall[name].append(time.perf_counter() - start)
+            cpu[name].append(time.process_time() - start_cpu)
+    return wall, cpu
+
+
+def build_tasks(args: argparse.Namespace, model_name: str, device: torch.device):
+    """(ClassificationTask, DRLocTask) on two copies of one freshly initialized model."""
+    import timm
+    from timm.optim import create_optimizer_v2
+    from timm.task import ClassificationTask
+    from timm_drloc import DRLocTask
+
+    torch.manual_seed(args.seed)
+    model = timm.create_model(model_name, pretrained=False, img_size=args.img_size) if 'resnet' not in model_name \
+        else timm.create_model(model_name, pretrained=False)
+    plain = copy.deepcopy(model)  # before wrap(): the copy carries no DRLoc hooks
+    baseline = ClassificationTask(plain.to(device), device=device, verbose=False)
+    drloc = DRLocTask(model.to(device), drloc_lambda=0.5, num_samples=args.samples, hidden_dim=args.hidden_dim,
+                      multiscale=args.multiscale, input_size=(3, args.img_size, args.img_size),
+                      device=device, verbose=False)
+    tasks = {'timm': baseline, 'drloc': drloc}
+    for task in tasks.values():
+        task.train()
+        if args.compile:
+            task.compile()
+    optimizers = {name: create_optimizer_v2(task.get_trainable_module(), args.opt, lr=1e-4, weight_decay=0.05)
+                  for name, task in tasks.items()}
+    return tasks, optimizers, drloc
+
+
+def bench_model(args: argparse.Namespace, model_name: str, device: torch.device) -> Dict[str, StepStats]:
+    """Step time and memory of both tasks on `model_name`; also returns the DRLoc grid shapes."""
+    tasks, optimizers, drloc = build_tasks(args, model_name, device)
+    generator = torch.Generator().manual_seed(args.seed)
+    images = torch.randn(args.batch_size, 3, args.img_size, args.img_size, generator=generator).to(device)
+    labels = torch.randint(0, 1000, (args.batch_size,), generator=generator).to(device)
+    steps = {name: make_step(task, optimizers[name], images, labels, args.amp) for name, task in tasks.items()}
+    wall, cpu = time_alternating(steps, args.steps, args.warmup)
+    stats = {name: StepStats(statistics.median(wall[name]), statistics.median(cpu[name]),
+                             peak_step_memory(steps[name], device)) for name in steps}
+    grids = [(s.grid_size, s.num_chs, s.layout) for s in drloc.trainable_module.sources]
+    return stats, grids
+
+
+# --- head alone -------------------------------------------------------------------------------------------
+
+def ours_head_loss(head: nn.Module, grid: torch.Tensor) -> torch.Tensor:
+    """timm_drloc's path: DRLocHead.forward on a (B, H, W, C) grid view (NCHW storage, as hooks see it)."""
+    return head(grid)
+
+
+def reference_style_loss(head: nn.Module, grid_nchw: torch.Tensor) -> torch.Tensor:
+    """PAPER.md's description of the reference head, written from scratch.
+
+    grid_nchw: (B, C, H, W). Positions are drawn on the CPU and copied to the device; the whole map is
+    permuted and copied to a (C, B*H*W) matrix, then the sampled columns are gathered.
+    """
+    batch, chans, height, width = grid_nchw.shape
+    device, num_samples = grid_nchw.device, head.num_samples
+    first = torch.randint(height, (batch, num_samples, 2)).to(device)  # B, M, (row, col) -- drawn on the host
+    second = torch.randint(height, (batch, num_samples, 2)).to(device)
+    target = (first - second).abs().float()  # B, M, 2
+    flat = grid_nchw.permute(1, 0, 2, 3).reshape(chans, batch * height * width)  # C, B*H*W: copies the map
+    base = (torch.arange(batch, device=device) * height * width).view(batch, 1)
+
+    def gather(pos: torch.Tensor) -> torch.Tensor:
+        index = (base + pos[..., 0] * width + pos[..., 1]).view(-1)  # B*M
+        return flat[:, index].view(chans, batch, num_samples).permute(1, 2, 0)  # B, M, C
+
+    pairs = torch.cat((gather(first), gather(second)), dim=-1)  # B, M, 2C
+    return F.l1_loss(head.mlp(pairs).float(), target)
+
+
+def bench_head(args: argparse.Namespace, grid_size: Tuple[int, int], chans: int, layout: str,
+               device: torch.device) -> Tuple[float, float]:
+    """Median fwd+bwd CPU (on CUDA: wall) seconds of (ours, reference-style) on one grid.
+
+    The grid is stored as the model stores it (`layout` 'NCHW' for CNNs; 'NHWC' / 'NLC' tokens are
+    channels-last); ours reads the (B, H, W, C) view of it, the reference-style path the NCHW view.
+    """
+    from timm_drloc import DRLocHead
+    head = DRLocHead(chans, grid_size, num_samples=args.samples, hidden_dim=args.hidden_dim).to(device)
+    height, width = grid_size
+    if layout == 'NCHW':
+        storage = torch.randn(args.batch_size, chans, height, width, device=device, requires_grad=True)
+        nchw, nhwc = storage, storage.permute(0, 2, 3, 1)
+    else:
+        storage = torch.randn(args.batch_size, height, width, chans, device=device, requires_grad=True)
+        nchw, nhwc = storage.permute(0, 3, 1, 2), storage
+
+    def run(fn: Callable, grid: torch.Tensor) -> Callable[[], None]:
+        def step() -> None:
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=args.amp):
+                loss = fn(head, grid)
+            loss.backward()
+            head.zero_grad(set_to_none=True)
+            storage.grad = None
+            synchronize(device)
+        return step
+
+    steps = {'ours': run(ours_head_loss, nhwc), 'reference': run(reference_style_loss, nchw)}
+    wall, cpu = time_alternating(steps, args.head_steps, warmup=3)
+    times = wall if device.type == 'cuda' else cpu
+    return statistics.median(times['ours']), statistics.median(times['reference'])
+
+
+def mib(num_bytes: int) -> str:
+    return f'{num_bytes / 2 ** 20:8.1f}'
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    name = torch.cuda.get_device_name(device) if device.type == 'cuda' else f'CPU, {torch.get_num_threads()} threads'
+    print(f'# torch {torch.__version__}, {name}; batch {args.batch_size}, {args.img_size}px, m={args.samples}, '
+          f'hidden {args.hidden_dim}, amp={args.amp}, compile={args.compile}, multiscale={args.multiscale}, '
+          f'opt={args.opt}, median of {args.steps} steps after {args.warmup} warm-up')
+    if device.type == 'cpu':
+        load = os.getloadavg()[0]
+        print(f'# load average {load:.1f} on {os.cpu_count()} cores at start'
+              + (': the cores are shared, trust the CPU-time ratio more than wall clock' if load > 1.5 else ''))
+    print(f"{'model':<32} {'timm s':>8} {'drloc s':>8} {'ratio':>6} {'cpu ratio':>9} {'img/s timm':>10} "
+          f"{'img/s drloc':>11} {'MiB timm':>8} {'MiB drloc':>9} {'mem ratio':>9}  grids")
+    rows, head_shapes = [], {}
+    for model_name in args.models:
+        try:
+            stats, grids = bench_model(args, model_name, device)
+        except ValueError as e:  # e.g. --multiscale on a ViT
+            print(f'{model_name:<32} skipped: {e}')
+            continue
+        base, ours = stats['timm'], stats['drloc']
+        ratio = ours.seconds / base.seconds
+        cpu_ratio = ours.cpu_seconds / base.cpu_seconds
+        mem_ratio = ours.peak_bytes / max(base.peak_bytes, 1)
+        grid_text = ', '.join(f'{h}x{w}x{c}' for (h, w), c, _ in grids)
+        print(f'{model_name:<32} {base.seconds:8.3f} {ours.seconds:8.3f} {ratio:6.3f} {cpu_ratio:9.3f} '
+              f'{args.batch_size / base.seconds:10.1f} {args.batch_size / ours.seconds:11.1f} '
+              f'{mib(base.peak_bytes)} {mib(ours.peak_bytes):>9} {mem_ratio:9.3f}  {grid_text}', flush=True)
+        rows.append((model_name, ratio, cpu_ratio))
+        for grid in grids:
+            head_shapes.setdefault(grid, model_name)
+    if rows:
+        worst = max(rows, key=lambda r: r[1])
+        print(f'# worst wall-clock step-time ratio: {worst[1]:.3f} ({worst[0]}); '
+              f'worst CPU-time ratio: {max(r[2] for r in rows):.3f}')
+    if args.skip_head or not head_shapes:
+        return 0
+    clock = 'wall' if device.type == 'cuda' else 'process CPU'
+    print(f"\n# head alone (sample, gather, MLP, L1; fwd+bwd), median {clock} time of {args.head_steps}, "
+          f"batch {args.batch_size}")
+    print(f"{'grid (H x W x C)':<20} {'from':<32} {'ours ms':>8} {'ref-style ms':>12} {'ref/ours':>8}")
+    for ((height, width), chans, layout), model_name in head_shapes.items():
+        ours_s, ref_s = bench_head(args, (height, width), chans, layout, device)
+        print(f'{f"{height}x{width}x{chans}":<20} {model_name:<32} {ours_s * 1e3:8.2f} {ref_s * 1e3:12.2f} '
+              f'{ref_s / ours_s:8.2f}', flush=True)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
