@@ -1,5 +1,6 @@
 """End-to-end train_drloc runs on generated ImageFolder data with tiny timm models on CPU."""
 import copy
+import io
 import csv
 import json
 import subprocess
@@ -151,7 +152,8 @@ def test_mixup_cutmix_run(monkeypatch, tmp_path, image_folder, mix):
     assert float(row['train_loss']) > 0
 
 
-def test_config_file_run(monkeypatch, tmp_path, image_folder, restore_parser_defaults_train):
+@pytest.mark.usefixtures('restore_parser_defaults')
+def test_config_file_run(monkeypatch, tmp_path, image_folder):
     config = tmp_path / 'drloc.yaml'
     config.write_text('drloc_lambda: 0.25\ndrloc_mode: ce\ndrloc_samples: 16\nlr: 1e-3\nepochs: 1\n')
     _run(monkeypatch, _argv(image_folder, tmp_path, 'cfg', '-c', str(config)))
@@ -160,15 +162,6 @@ def test_config_file_run(monkeypatch, tmp_path, image_folder, restore_parser_def
     args = yaml.safe_load((tmp_path / 'cfg' / 'args.yaml').read_text())
     assert args['drloc_mode'] == 'ce' and args['drloc_samples'] == 16
     assert args['lr'] == 3e-3  # the command line wins over the config file
-
-
-@pytest.fixture
-def restore_parser_defaults_train():
-    saved = dict(train.parser._defaults), [(a, a.default) for a in train.parser._actions]
-    yield
-    train.parser._defaults = saved[0]
-    for action, default in saved[1]:
-        action.default = default
 
 
 def test_swin_multiscale_run_has_a_head_per_stage(monkeypatch, tmp_path, image_folder):
@@ -268,3 +261,31 @@ def test_resume_auto_skips_a_corrupt_last_checkpoint(monkeypatch, tmp_path, imag
     assert captured['path'] == str(exp / 'checkpoint-1.pth.tar')
     assert [int(r['epoch']) for r in _summary(exp)] == [0, 1, 2]
     assert load_checkpoint_metadata(last)['epoch'] == 2
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+@pytest.mark.skipif(not train.has_tqdm, reason='tqdm not installed')
+def test_progress_is_a_bar_on_a_terminal(monkeypatch, caplog):
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, 'stderr', terminal)
+    progress = train.EpochProgress(epoch=4, total=2, log_interval=1, enabled=True)
+    for step in range(2):
+        progress.update(step, step == 1, {'loss': 2.5, 'lr': 0.001, 'img_s': 80.0, 'drloc': 1.25}, lambda: 'log line')
+    progress.close()
+    shown = terminal.getvalue()
+    assert 'Train 4' in shown and '2/2' in shown and 'drloc=1.25' in shown and 'loss=2.5' in shown
+    assert 'log line' not in caplog.text
+
+
+def test_progress_is_log_lines_without_a_terminal(monkeypatch, caplog):
+    monkeypatch.setattr(sys, 'stderr', io.StringIO())
+    caplog.set_level('INFO')
+    progress = train.EpochProgress(epoch=0, total=3, log_interval=2, enabled=True)
+    for step in range(3):
+        progress.update(step, step == 2, {'loss': 1.0}, lambda step=step: f'line {step}')
+    progress.close()
+    assert [r.getMessage() for r in caplog.records] == ['line 0', 'line 2']

@@ -207,16 +207,6 @@ def _actions():
     return {a.dest: a for a in train.parser._actions if a.dest != 'help'}
 
 
-@pytest.fixture
-def restore_parser_defaults():
-    """-c/--config goes through parser.set_defaults(), which changes the module-level parser: undo it."""
-    saved = dict(train.parser._defaults), [(a, a.default) for a in train.parser._actions]
-    yield
-    train.parser._defaults = saved[0]
-    for action, default in saved[1]:
-        action.default = default
-
-
 @pytest.mark.parametrize('options, dest, default, nargs, type_name', UPSTREAM_FLAGS,
                          ids=[f[0][-1] if f[0] else f[1] for f in UPSTREAM_FLAGS])
 def test_every_timm_train_flag_is_accepted_with_the_same_default(options, dest, default, nargs, type_name):
