@@ -1,0 +1,160 @@
+"""DRLocHead and losses: targets, loss values, sampling, dtypes and compilation."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from timm_drloc import DRLocHead, relative_targets, sample_positions
+from timm_drloc.head import num_offsets
+from timm_drloc.losses import cbr_loss
+
+# two pairs on a 4 x 6 grid: (row, col) of the first and second cell
+POS_A = torch.tensor([[[3, 0], [1, 5]]])
+POS_B = torch.tensor([[[0, 2], [1, 1]]])
+
+
+@pytest.mark.parametrize('use_abs,normalize,expected', [
+    (True, False, [[3., 2.], [0., 4.]]),                       # |i - p|, |j - h|
+    (True, True, [[3 / 4, 2 / 6], [0., 4 / 6]]),               # divided by the axis size (paper)
+    (False, False, [[3 + 3., -2 + 5.], [0 + 3., 4 + 5.]]),     # i - p + (k - 1)
+    (False, True, [[6 / 4, 3 / 6], [3 / 4, 9 / 6]]),
+])
+def test_targets_equal_hand_computed_offsets(use_abs, normalize, expected):
+    target = relative_targets(POS_A, POS_B, (4, 6), use_abs=use_abs, normalize=normalize)
+    assert target.dtype == torch.float32
+    torch.testing.assert_close(target, torch.tensor([expected]))
+
+
+@pytest.mark.parametrize('mode', ['l1', 'ce', 'cbr'])
+@pytest.mark.parametrize('use_abs', [True, False])
+@pytest.mark.parametrize('normalize', [False, True])
+def test_loss_uses_the_targets_of_the_sampled_positions(monkeypatch, mode, use_abs, normalize):
+    if mode == 'ce' and normalize:
+        pytest.skip('ce with normalize is rejected (tested below)')
+    torch.manual_seed(0)
+    head = DRLocHead(8, (4, 6), mode=mode, num_samples=2, use_abs=use_abs, normalize=normalize, hidden_dim=16)
+    grid = torch.randn(1, 4, 6, 8)
+    positions = torch.stack((POS_A, POS_B), dim=1)  # B, 2, M, 2
+    monkeypatch.setattr('timm_drloc.head.sample_positions', lambda *a, **k: positions)
+    loss = head(grid)
+
+    # recompute by hand from the same positions
+    cells_a = grid[0, POS_A[0, :, 0], POS_A[0, :, 1]]
+    cells_b = grid[0, POS_B[0, :, 0], POS_B[0, :, 1]]
+    out = head.mlp(torch.cat((cells_a, cells_b), -1))
+    target = relative_targets(POS_A[0], POS_B[0], (4, 6), use_abs, normalize)
+    if mode == 'l1':
+        expected = (out - target).abs().mean()
+    else:
+        logits = [head.axis_heads[0](out), head.axis_heads[1](out)]
+        assert [lg.shape[-1] for lg in logits] == [num_offsets(4, use_abs), num_offsets(6, use_abs)]
+        if mode == 'ce':
+            expected = F.cross_entropy(logits[0], target[:, 0].long()) + F.cross_entropy(logits[1], target[:, 1].long())
+        else:
+            expected = 0
+            for axis, size in enumerate((4, 6)):
+                values = torch.arange(num_offsets(size, use_abs)).float() / (size if normalize else 1)
+                beta = logits[axis].softmax(-1)
+                mu = (beta * values).sum(-1)
+                var = (beta * (values - mu[:, None]) ** 2).sum(-1) + 1e-8
+                expected = expected + ((mu - target[:, axis]) ** 2 / var + 1e-3 * var.log()).mean()
+    torch.testing.assert_close(loss, expected)
+
+
+def test_cbr_with_uniform_scores_matches_closed_form():
+    # uniform beta over offsets 0..2: mu = 1, var = 2/3 (+eps); target 0 -> (1 / (2/3) + 1e-3 log(2/3)) per axis
+    logits = (torch.zeros(1, 1, 3), torch.zeros(1, 1, 3))
+    values = (torch.arange(3.), torch.arange(3.))
+    loss = cbr_loss(logits, torch.zeros(1, 1, 2), values)
+    var = torch.tensor(2 / 3 + 1e-8)
+    torch.testing.assert_close(loss, 2 * (1 / var + 1e-3 * var.log()))
+
+
+def test_sampling_is_uniform_with_replacement_over_the_whole_grid():
+    torch.manual_seed(0)
+    pos = sample_positions(batch=64, height=3, width=5, num_samples=500, device=torch.device('cpu'))
+    assert pos.shape == (64, 2, 500, 2) and pos.dtype == torch.long
+    assert pos[..., 0].min() == 0 and pos[..., 0].max() == 2
+    assert pos[..., 1].min() == 0 and pos[..., 1].max() == 4
+    counts = torch.bincount((pos[..., 0] * 5 + pos[..., 1]).flatten(), minlength=15).float()
+    assert counts.min() / counts.max() > 0.9  # 64k draws over 15 cells: uniform within a few percent
+    assert (pos[:, 0] == pos[:, 1]).all(-1).any()  # with replacement: a pair can be the same cell twice
+
+
+def test_each_image_gets_its_own_positions():
+    torch.manual_seed(0)
+    pos = sample_positions(batch=4, height=7, width=7, num_samples=64, device=torch.device('cpu'))
+    assert not torch.equal(pos[0], pos[1])
+
+
+def test_head_reads_each_cell_from_its_own_image():
+    # every cell of image b holds the value b in all channels: the gathered pairs must come from image b
+    head = DRLocHead(4, (3, 3), num_samples=16, hidden_dim=8)
+    grid = torch.arange(5.).view(5, 1, 1, 1).expand(5, 3, 3, 4)
+    seen = {}
+    head.mlp.register_forward_hook(lambda m, args, out: seen.update(pairs=args[0]))
+    head(grid)
+    pairs = seen['pairs']  # B, M, 2C
+    assert pairs.shape == (5, 16, 8)
+    assert torch.equal(pairs, torch.arange(5.).view(5, 1, 1).expand(5, 16, 8))
+
+
+def test_permuted_nchw_grid_gives_same_loss_as_contiguous_copy():
+    torch.manual_seed(0)
+    head = DRLocHead(6, (4, 5), hidden_dim=16)
+    nchw = torch.randn(2, 6, 4, 5)
+    torch.manual_seed(1)
+    loss_view = head(nchw.permute(0, 2, 3, 1))
+    torch.manual_seed(1)
+    loss_copy = head(nchw.permute(0, 2, 3, 1).contiguous())
+    torch.testing.assert_close(loss_view, loss_copy)
+
+
+@pytest.mark.parametrize('mode', ['l1', 'ce', 'cbr'])
+def test_loss_is_float32_under_bf16_autocast(mode):
+    head = DRLocHead(16, (4, 4), mode=mode, hidden_dim=32)
+    grid = torch.randn(2, 4, 4, 16)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        loss = head(grid.bfloat16())
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    loss.backward()
+    assert head.mlp[0].weight.grad is not None
+
+
+def test_smaller_grid_than_built_for_uses_its_own_offsets_and_larger_is_refused():
+    head = DRLocHead(8, (6, 6), mode='ce', hidden_dim=16)
+    assert torch.isfinite(head(torch.randn(2, 3, 4, 8)))
+    with pytest.raises(ValueError, match='larger than the 6x6 grid'):
+        head(torch.randn(2, 7, 6, 8))
+
+
+@pytest.mark.parametrize('mode', ['l1', 'cbr'])
+def test_head_and_loss_compile_fullgraph(mode):
+    torch._dynamo.reset()
+    head = DRLocHead(16, (4, 5), mode=mode, hidden_dim=32)
+    compiled = torch.compile(head, fullgraph=True)
+    grid = torch.randn(2, 4, 5, 16, requires_grad=True)
+    loss = compiled(grid)
+    loss.backward()
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    assert grid.grad is not None and grid.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize('kwargs,message', [
+    (dict(mode='l2'), "Unknown DRLoc mode 'l2'. Use one of l1, ce, cbr"),
+    (dict(num_samples=0), 'num_samples must be an integer >= 1'),
+    (dict(num_samples=-3), 'got -3'),
+    (dict(hidden_dim=0), 'hidden_dim must be an integer >= 1'),
+    (dict(mode='ce', normalize=True), "normalize=True has no meaning with mode='ce'"),
+    (dict(grid_size=(1, 1)), 'The feature grid is 1x1'),
+])
+def test_bad_head_arguments_are_refused_with_the_value_and_fix(kwargs, message):
+    args = dict(in_dim=8, grid_size=(4, 4))
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=message.replace('(', r'\(').replace(')', r'\)')):
+        DRLocHead(**args)
+
+
+def test_runtime_1x1_grid_is_refused():
+    head = DRLocHead(8, (4, 4), hidden_dim=16)
+    with pytest.raises(ValueError, match='1x1'):
+        head(torch.randn(2, 1, 1, 8))

@@ -1,0 +1,241 @@
+"""wrap() / DRLocModel / unwrap() on real timm models and a user CNN."""
+import pytest
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import timm_drloc
+from timm_drloc import DRLocModel, DRLocOutput, unwrap, wrap
+
+# (model name, create_model kwargs, input size, expected grid, layout, prefix tokens)
+MODELS = {
+    'vit_cls': ('vit_tiny_patch16_224', dict(img_size=32, depth=2), 32, (2, 2), 'NLC', 1),
+    'vit_registers': ('vit_tiny_patch16_224', dict(img_size=32, depth=2, reg_tokens=4), 32, (2, 2), 'NLC', 5),
+    'deit_distilled': ('deit_tiny_distilled_patch16_224', dict(img_size=32, depth=2), 32, (2, 2), 'NLC', 2),
+    'swin': ('swin_tiny_patch4_window7_224', dict(img_size=64, window_size=2, depths=(1, 1, 1, 1)), 64, (2, 2), 'NHWC', 0),
+    'convnext': ('convnext_atto', {}, 64, (2, 2), 'NCHW', 0),
+    'resnet': ('resnet18', {}, 64, (2, 2), 'NCHW', 0),
+    'efficientnet': ('efficientnet_b0', {}, 64, (2, 2), 'NCHW', 0),
+}
+
+
+def make(key, **model_kwargs):
+    name, kwargs, size, *_ = MODELS[key]
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=5, **{**kwargs, **model_kwargs})
+    return model, torch.randn(2, 3, size, size)
+
+
+class TinyCNN(nn.Module):
+    """A user model with no timm metadata at all."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, stride=2, padding=1))
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.fc(self.features(x).mean((2, 3)))
+
+
+@pytest.mark.parametrize('key', list(MODELS))
+def test_grid_found_and_gradients_reach_backbone_and_heads(key):
+    model, x = make(key)
+    _, _, _, grid, layout, prefix = MODELS[key]
+    drloc = wrap(model, hidden_dim=32, input_size=(3, *x.shape[-2:]))
+    source, = drloc.sources
+    assert (source.grid_size, source.layout, source.num_prefix_tokens) == (grid, layout, prefix)
+    assert source.num_chs == model.feature_info[-1]['num_chs']
+
+    logits, drloc_loss = drloc(x)
+    assert logits.shape == (2, 5)
+    assert drloc_loss.ndim == 0 and drloc_loss.dtype == torch.float32 and drloc_loss > 0
+    (F.cross_entropy(logits, torch.tensor([0, 1])) + drloc_loss).backward()
+    first_param = next(model.parameters())
+    assert first_param.grad is not None and first_param.grad.abs().sum() > 0
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in drloc.heads.parameters())
+
+
+@pytest.mark.parametrize('key', list(MODELS))
+def test_eval_logits_identical_to_unwrapped_model_and_train_logits_too(key):
+    model, x = make(key)
+    drloc = wrap(model, hidden_dim=16, input_size=(3, *x.shape[-2:]))
+    drloc.eval()
+    out = drloc(x)
+    assert isinstance(out, torch.Tensor)
+    assert torch.equal(out, model(x))
+    if key in ('vit_cls', 'convnext'):  # no batch norm, dropout or drop path: train logits match the train forward
+        model.train()
+        expected = model(x)
+        drloc.train()
+        assert torch.equal(drloc(x).logits, expected)
+
+
+def test_backbone_runs_once_per_call():
+    model, x = make('resnet')
+    calls = []
+    model.register_forward_hook(lambda *a: calls.append(1))
+    drloc = wrap(model, hidden_dim=16, input_size=(3, 64, 64))
+    calls.clear()
+    drloc(x)
+    assert len(calls) == 1
+
+
+def test_user_cnn_through_layers():
+    model = TinyCNN()
+    drloc = wrap(model, layers=['features'], input_size=(3, 32, 32), hidden_dim=16)
+    source, = drloc.sources
+    assert (source.grid_size, source.num_chs, source.layout) == ((8, 8), 16, 'NCHW')
+    logits, loss = drloc(torch.randn(3, 3, 32, 32))
+    assert logits.shape == (3, 4) and loss > 0
+
+
+def test_user_model_without_layers_is_refused():
+    with pytest.raises(ValueError, match=r"TinyCNN has no timm feature_info.*layers=\['module.path'\]"):
+        wrap(TinyCNN())
+
+
+def test_layers_naming_no_module_is_refused():
+    with pytest.raises(ValueError, match="no module named 'feature'.*Some module names it has: \\['features'"):
+        wrap(TinyCNN(), layers=['feature'], input_size=(3, 32, 32))
+
+
+def test_model_without_spatial_output_is_refused():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 16), nn.ReLU(), nn.Linear(16, 2))
+    with pytest.raises(ValueError, match=r'has no spatial grid'):
+        wrap(model, layers=['1'], input_size=(3, 8, 8))
+
+
+def test_1x1_grid_is_refused():
+    model = timm.create_model('resnet18', num_classes=3)
+    with pytest.raises(ValueError, match='grid is 1x1: a single cell has no relative position'):
+        wrap(model, input_size=(3, 32, 32))
+
+
+def test_wrap_twice_is_refused():
+    model, _ = make('resnet')
+    drloc = wrap(model, hidden_dim=16, input_size=(3, 64, 64))
+    with pytest.raises(ValueError, match='already wrapped'):
+        wrap(drloc)
+
+
+def test_multiscale_one_head_per_stage():
+    model, x = make('swin')
+    drloc = wrap(model, multiscale=True, hidden_dim=16)
+    assert [s.name for s in drloc.sources] == ['layers.0', 'layers.1', 'layers.2', 'layers.3']
+    assert [s.grid_size for s in drloc.sources] == [(16, 16), (8, 8), (4, 4), (2, 2)]
+    assert len(drloc.heads) == 4
+    torch.manual_seed(3)
+    _, total = drloc(x)
+    # the loss is the sum of the per-stage losses (same random draws replayed)
+    torch.manual_seed(3)
+    _, feats = drloc.forward_with_grids(x)
+    per_stage = [head(timm_drloc.grids.to_grid(f, s, (64, 64))) for head, s, f in zip(drloc.heads, drloc.sources, feats)]
+    torch.testing.assert_close(total, sum(per_stage))
+
+
+def test_multiscale_on_resnet_skips_the_stride_2_stem():
+    model, _ = make('resnet')
+    drloc = wrap(model, multiscale=True, hidden_dim=16, input_size=(3, 64, 64))
+    assert [s.grid_size for s in drloc.sources] == [(16, 16), (8, 8), (4, 4), (2, 2)]
+    assert [s.name for s in drloc.sources] == ['layer1', 'layer2', 'layer3', 'layer4']
+
+
+def test_multiscale_on_single_scale_vit_is_refused():
+    model, _ = make('vit_cls')
+    with pytest.raises(ValueError, match='multiscale=True needs a hierarchical model.*Use multiscale=False'):
+        wrap(model, multiscale=True)
+
+
+def test_non_square_input_gives_non_square_grid():
+    model = timm.create_model('resnet18', num_classes=3)
+    drloc = wrap(model, input_size=(3, 224, 160), hidden_dim=16)
+    assert drloc.sources[0].grid_size == (7, 5)
+    seen = {}
+    drloc.heads[0].register_forward_pre_hook(lambda m, args: seen.update(shape=tuple(args[0].shape)))
+    drloc(torch.randn(1, 3, 224, 160))
+    assert seen['shape'] == (1, 7, 5, 512)
+
+
+def test_vit_dynamic_img_size_reads_the_grid_of_each_input():
+    model = timm.create_model('vit_tiny_patch16_224', img_size=32, depth=2, dynamic_img_size=True, num_classes=3)
+    drloc = wrap(model, hidden_dim=16)
+    seen = []
+    drloc.heads[0].register_forward_pre_hook(lambda m, args: seen.append(tuple(args[0].shape[1:3])))
+    for size in [(32, 32), (48, 32), (64, 80)]:
+        logits, loss = drloc(torch.randn(2, 3, *size))
+        assert torch.isfinite(loss)
+    assert seen == [(2, 2), (3, 2), (4, 5)]
+
+
+def test_state_dict_keys_unchanged_and_model_is_the_original_object():
+    model, _ = make('vit_cls')
+    keys = list(model.state_dict())
+    drloc = wrap(model, hidden_dim=16)
+    assert drloc.model is model
+    assert list(drloc.model.state_dict()) == keys
+    assert list(model.state_dict()) == keys
+    head_keys = [k for k in drloc.state_dict() if k.startswith('heads.')]
+    assert head_keys and all(k[len('model.'):] in keys for k in drloc.state_dict() if k.startswith('model.'))
+
+
+def test_unwrap_through_drloc_compile_and_ddp(tmp_path):
+    import torch.distributed as dist
+    model, _ = make('resnet')
+    drloc = wrap(model, hidden_dim=16, input_size=(3, 64, 64))
+    assert unwrap(drloc) is model
+    assert unwrap(torch.compile(drloc)) is model
+    dist.init_process_group('gloo', init_method=f'file://{tmp_path}/pg', rank=0, world_size=1)
+    try:
+        ddp = nn.parallel.DistributedDataParallel(drloc)
+        assert unwrap(ddp) is model
+        assert unwrap(torch.compile(ddp)) is model
+    finally:
+        dist.destroy_process_group()
+    assert unwrap(model) is model
+
+
+def test_layer_decay_optimizer_works_on_drloc_model():
+    from timm.optim import create_optimizer_v2
+    model, _ = make('vit_cls')
+    drloc = wrap(model, hidden_dim=16)
+    optimizer = create_optimizer_v2(drloc, 'adamw', lr=1e-3, weight_decay=0.05, layer_decay=0.5)
+    by_param = {}
+    for group in optimizer.param_groups:
+        for p in group['params']:
+            by_param[p] = group
+    pos_embed_group = by_param[model.pos_embed]
+    head_group = by_param[drloc.heads[0].mlp[0].weight]
+    assert pos_embed_group['weight_decay'] == 0.  # no_weight_decay passed through
+    assert pos_embed_group['lr_scale'] < head_group['lr_scale'] == 1.0  # layer decay applies to the backbone
+    assert by_param[model.blocks[1].mlp.fc1.weight]['lr_scale'] > by_param[model.blocks[0].mlp.fc1.weight]['lr_scale']
+    assert sum(len(g['params']) for g in optimizer.param_groups) == len(list(drloc.parameters()))
+
+
+def test_drloc_loss_decreases_when_training_on_a_fixed_batch():
+    torch.manual_seed(0)
+    model = timm.create_model(
+        'vit_tiny_patch16_224', img_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=2, num_classes=3)
+    drloc = wrap(model, hidden_dim=64, num_samples=64)
+    x = torch.randn(8, 3, 32, 32)
+    optimizer = torch.optim.AdamW(drloc.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(80):
+        _, loss = drloc(x)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
+    # 4x4 grid, |offsets| in 0..3: the best position-blind guess (the median, 1) has an L1 loss of 0.75;
+    # only embeddings that know where they are get below it
+    assert last < 0.5 < 0.75 < first
+
+
+def test_output_is_a_named_tuple():
+    model, x = make('convnext')
+    drloc = wrap(model, hidden_dim=16, input_size=(3, 64, 64))
+    assert isinstance(drloc, DRLocModel)
+    out = drloc(x)
+    assert isinstance(out, DRLocOutput) and out.logits is out[0] and out.drloc_loss is out[1]
