@@ -1,6 +1,6 @@
 """Hub export and upload: folders that plain timm loads, model cards, uploads and refused inputs.
 
-A tiny ViT (img_size 32, 3 classes) is trained for two steps with DRLocTask and saved by timm's own
+A tiny ViT (img_size 32, depth 2 via --model-kwargs, 3 classes) is trained for two steps with DRLocTask and saved by timm's own
 CheckpointSaver, so the checkpoints have what a real run writes: an argparse.Namespace 'args', the DRLoc
 heads in 'task_state', EMA weights and a summary.csv.
 """
@@ -31,7 +31,7 @@ CLASSES = ['cat', 'dog', 'frog']
 
 def training_args(**overrides) -> argparse.Namespace:
     values = dict(
-        model='vit_tiny_patch16_224', num_classes=3, model_kwargs={}, img_size=32, input_size=None,
+        model='vit_tiny_patch16_224', num_classes=3, model_kwargs={'depth': 2}, img_size=32, input_size=None,
         in_chans=None, mean=list(MEAN), std=list(STD), crop_pct=1.0, interpolation='bilinear', gp=None,
         dataset='torch/cifar10', data_dir='/home/someone/private/data', epochs=2, opt='adamw', lr=1e-3,
         sched='cosine', batch_size=4, weight_decay=0.05, model_ema=True, drloc_lambda=0.5, drloc_mode='l1',
@@ -44,17 +44,17 @@ def training_args(**overrides) -> argparse.Namespace:
 def train_and_save(run_dir: Path, args: argparse.Namespace, model_kwargs=None) -> torch.nn.Module:
     """Two DRLoc training steps, then checkpoints and summary.csv as timm's train.py writes them."""
     torch.manual_seed(0)
-    kwargs = dict(model_kwargs if model_kwargs is not None else dict(img_size=32))
+    kwargs = dict(model_kwargs if model_kwargs is not None else dict(args.model_kwargs, img_size=args.img_size))
     model = timm.create_model(args.model, num_classes=3, **kwargs)
-    task = timm_drloc.DRLocTask(model, drloc_lambda=0.5, num_samples=16, hidden_dim=32, verbose=False)
+    task = timm_drloc.DRLocTask(model, drloc_lambda=0.5, num_samples=16, hidden_dim=32, verbose=False,
+                                input_size=(3, args.img_size, args.img_size))
     task.setup_ema(decay=0.5)
     optimizer = torch.optim.SGD(task.get_trainable_module().parameters(), lr=0.1)
     saver = CheckpointSaver(model=task.get_trainable_module(), optimizer=optimizer, args=args, task=task,
                             checkpoint_dir=str(run_dir), recovery_dir=str(run_dir), decreasing=False)
     for epoch, top1 in enumerate((40.0, 55.0)):
         task.train()
-        size = args.img_size
-        result = task(torch.randn(4, 3, size, size), torch.tensor([0, 1, 2, 0]))
+        result = task(torch.randn(4, 3, args.img_size, args.img_size), torch.tensor([0, 1, 2, 0]))
         optimizer.zero_grad()
         result['loss'].backward()
         optimizer.step()
@@ -123,6 +123,7 @@ def test_config_json_names_architecture_classes_and_label_names(run, tmp_path):
     assert config['num_classes'] == 3
     assert config['label_names'] == CLASSES
     assert config['pretrained_cfg']['input_size'] == [3, 32, 32]
+    assert config['model_args']['depth'] == 2  # the run's --model-kwargs, so timm rebuilds the same model
     assert config['pretrained_cfg']['mean'] == pytest.approx(MEAN)
 
 
@@ -189,8 +190,8 @@ def test_export_of_a_drloc_task_or_model_object_matches_the_backbone(run, tmp_pa
 def test_cnn_checkpoint_without_img_size_argument_exports_and_rebuilds(tmp_path):
     run_dir = tmp_path / 'run'
     run_dir.mkdir()
-    args = training_args(model='resnet18', img_size=64, mean=None, std=None, model_ema=False)
-    task = train_and_save(run_dir, args, model_kwargs={})  # resnet18 takes no img_size argument
+    args = training_args(model='resnet10t', img_size=64, model_kwargs={}, mean=None, std=None, model_ema=False)
+    task = train_and_save(run_dir, args, model_kwargs={})  # ResNets take no img_size argument
     out = hub.export(run_dir / 'last.pth.tar', tmp_path / 'export')
     model = timm.create_model(f'local-dir:{out}', pretrained=True).eval()
     x = torch.randn(2, 3, 64, 64)
@@ -251,8 +252,10 @@ def test_missing_checkpoint_and_unknown_model_name_the_value(run, tmp_path):
         hub.export(tmp_path / 'nope.pth.tar', tmp_path / 'export')
     with pytest.raises(ValueError, match="Unknown model 'not_a_model'"):
         hub.export(run.dir / 'last.pth.tar', tmp_path / 'export', model_name='not_a_model')
-    with pytest.raises(ValueError, match='do not fit resnet18'):
+    with pytest.raises(ValueError, match=r"timm.create_model\('resnet18'.*unexpected keyword argument 'depth'"):
         hub.export(run.dir / 'last.pth.tar', tmp_path / 'export', model_name='resnet18')
+    with pytest.raises(ValueError, match=r"(?s)weights in '.*last.pth.tar' do not fit vit_tiny_patch16_224.*head"):
+        hub.export(run.dir / 'last.pth.tar', tmp_path / 'export', num_classes=5)
     with pytest.raises(ValueError, match='2 label names for a model with 3 classes'):
         hub.export(run.dir / 'last.pth.tar', tmp_path / 'export', label_names=['a', 'b'])
 
@@ -391,3 +394,17 @@ def test_push_after_training_does_nothing_off_rank_zero_or_without_push(run, tmp
     assert hub.push_after_training(training_args(push_to_hub='someone/repo', rank=1), tmp_path) == 0
     assert hub.push_after_training(training_args(push_to_hub=None), tmp_path) == 0
     assert fake.calls == [] and list(tmp_path.iterdir()) == []
+
+
+def test_export_command_push_needs_token_then_uploads(run, tmp_path, monkeypatch, capsys):
+    fake = FakeHub().install(monkeypatch)
+    no_token_anywhere(monkeypatch, tmp_path)
+    checkpoint, out = str(run.dir / 'last.pth.tar'), tmp_path / 'export'
+
+    assert hub.export_main([checkpoint, str(out), '--push-to-hub', 'someone/repo']) == 2
+    assert 'needs a Hugging Face token' in capsys.readouterr().err and not out.exists()
+    monkeypatch.setenv('HF_TOKEN', 'hf_test_secret_value')
+    assert hub.export_main([checkpoint, str(out), '--push-to-hub', 'someone/repo', '--hub-private']) == 0
+    (_, create), (_, upload) = fake.calls
+    assert create['private'] is True and Path(upload['folder_path']) == out
+    assert 'hf_test_secret_value' not in capsys.readouterr().out

@@ -209,6 +209,9 @@ def build_model(
             raise ValueError(f"Unknown model '{model_name}'. Pass the timm architecture the checkpoint was trained "
                              f"as with --model (model_name=...); `timm.list_models()` lists them.") from e
         raise
+    except TypeError as e:
+        raise ValueError(f"timm.create_model('{model_name}', **{kwargs}) failed: {e}. Pass the --model and "
+                         f"--model-kwargs (model_name, model_kwargs) the run in '{source}' was trained with.") from e
     try:
         model.load_state_dict(state_dict, strict=True)
     except RuntimeError as e:
@@ -372,7 +375,7 @@ def model_card(
         "    probabilities = model(transform(image).unsqueeze(0)).softmax(-1)\n"
         "```\n")
     card = {
-        'tags': ['image-classification', 'timm', 'drloc', 'vision-transformer-small-data'],
+        'tags': ['image-classification', 'timm', 'drloc'],
         'library_name': 'timm',
         'license': license,
         'description': _DESCRIPTION,
@@ -577,7 +580,6 @@ def check_push_args(args: argparse.Namespace) -> None:
     repo_id = getattr(args, 'push_to_hub', None)
     if not repo_id:
         return
-    from huggingface_hub import get_token
     from huggingface_hub.utils import HFValidationError, validate_repo_id
     try:
         validate_repo_id(repo_id)
@@ -588,11 +590,17 @@ def check_push_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--hub-model '{hub_model}' is not one of {', '.join(HUB_MODEL_CHOICES)}.")
     if hub_model == 'ema' and not getattr(args, 'model_ema', False):
         raise ValueError("--hub-model ema needs EMA weights: add --model-ema, or use --hub-model best/last.")
+    require_token(repo_id, 'Training was not started.')
+
+
+def require_token(repo_id: str, consequence: str = '') -> None:
+    """Raise a ValueError when huggingface_hub finds no token (HF_TOKEN, `hf auth login`); the token is not kept."""
+    from huggingface_hub import get_token
     if not get_token():
         raise ValueError(
             f"--push-to-hub {repo_id} needs a Hugging Face token and none was found. Set the HF_TOKEN "
-            f"environment variable or run `hf auth login` (huggingface-cli login) before training, or drop "
-            f"--push-to-hub and export later with `timm-drloc export`. Training was not started.")
+            f"environment variable or run `hf auth login` (huggingface-cli login) first, or drop --push-to-hub "
+            f"and upload later. {consequence}".rstrip())
 
 
 def _is_rank_zero(args: argparse.Namespace) -> bool:
@@ -695,7 +703,7 @@ def export_main(argv: Optional[List[str]] = None) -> int:
         logging.basicConfig(level=logging.INFO, format='%(message)s')
     try:
         if args.push_to_hub:
-            check_push_args(argparse.Namespace(push_to_hub=args.push_to_hub, hub_model='best'))
+            require_token(args.push_to_hub, 'Nothing was exported.')
         folder = export(
             args.checkpoint, args.out_dir, model_name=args.model, num_classes=args.num_classes,
             label_names=args.label_names, overwrite=args.overwrite, use_ema=args.ema,
