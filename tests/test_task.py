@@ -1,0 +1,135 @@
+"""DRLocTask: timm training-task contract, loss composition, checkpoint state and lambda schedule."""
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from timm.task import TrainingTask
+
+from timm_drloc import DRLocModel, DRLocTask, drloc_lambda_at
+
+
+def make_task(**kwargs):
+    torch.manual_seed(0)
+    model = timm.create_model('vit_tiny_patch16_224', img_size=32, depth=2, embed_dim=48, num_heads=2, num_classes=4)
+    return model, DRLocTask(model, hidden_dim=16, verbose=False, **kwargs)
+
+
+def batch(soft=False):
+    torch.manual_seed(1)
+    x = torch.randn(4, 3, 32, 32)
+    y = torch.tensor([0, 1, 2, 3])
+    return x, (F.one_hot(y, 4).float() * 0.9 + 0.025 if soft else y)
+
+
+def test_is_a_timm_training_task_with_backbone_as_eval_model():
+    model, task = make_task(drloc_lambda=0.5)
+    assert isinstance(task, TrainingTask)
+    assert isinstance(task.get_trainable_module(), DRLocModel)
+    assert task.get_eval_model() is model
+
+
+@pytest.mark.parametrize('criterion_kwargs,soft', [
+    (None, False),
+    (dict(smoothing=0.1), False),
+    (dict(soft_targets=True), True),
+    (dict(loss_type='bce'), False),
+])
+def test_loss_is_task_loss_plus_lambda_times_drloc_loss(criterion_kwargs, soft):
+    model, task = make_task(drloc_lambda=0.3, criterion_kwargs=criterion_kwargs)
+    task.train()
+    x, y = batch(soft)
+    out = task(x, y)
+    assert set(out) == {'loss', 'output', 'task_loss', 'drloc_loss'}
+    assert out['output'].shape == (4, 4)
+    torch.testing.assert_close(out['task_loss'], task.criterion(out['output'], y))
+    torch.testing.assert_close(out['loss'], out['task_loss'] + 0.3 * out['drloc_loss'])
+    assert out['drloc_loss'] > 0
+
+
+def test_lambda_zero_still_reports_drloc_loss_but_adds_nothing():
+    _, task = make_task(drloc_lambda=0.0)
+    task.train()
+    out = task(*batch())
+    assert out['drloc_loss'] > 0
+    torch.testing.assert_close(out['loss'], out['task_loss'])
+
+
+def test_set_lambda_changes_the_weight_and_rejects_negative():
+    _, task = make_task(drloc_lambda=0.5)
+    task.set_drloc_lambda(0.25)
+    assert task.drloc_lambda == 0.25
+    with pytest.raises(ValueError, match=r'DRLoc lambda must be a number >= 0, got -1.*Use 0 to turn DRLoc off'):
+        task.set_drloc_lambda(-1)
+
+
+def test_negative_lambda_refused_at_construction():
+    with pytest.raises(ValueError, match='got -0.5'):
+        make_task(drloc_lambda=-0.5)
+
+
+def test_checkpoint_state_dict_is_plain_timm_and_heads_are_task_state():
+    model, task = make_task()
+    state = task.get_checkpoint_state()
+    assert list(state['state_dict']) == list(model.state_dict())
+    heads = state['task_state']['drloc_heads']
+    assert set(heads) == set(task.get_trainable_module().heads.state_dict())
+
+
+def test_task_state_round_trip_restores_heads():
+    _, task = make_task()
+    saved = {k: v.clone() for k, v in task.get_task_state()['drloc_heads'].items()}
+    _, other = make_task()
+    torch.nn.init.normal_(other.get_trainable_module().heads[0].mlp[0].weight)
+    other.load_checkpoint_state(task.get_checkpoint_state()['state_dict'], {'drloc_heads': saved})
+    for k, v in other.get_task_state()['drloc_heads'].items():
+        assert torch.equal(v, saved[k]), k
+
+
+def test_loading_a_checkpoint_without_heads_is_a_clear_error():
+    _, task = make_task()
+    with pytest.raises(RuntimeError, match="no DRLoc head state"):
+        task.load_task_state({}, strict=True)
+
+
+def test_ema_keeps_its_own_heads_and_eval_backbone():
+    model, task = make_task()
+    task.setup_ema(decay=0.5)
+    ema_backbone = task.get_eval_model(ema=True)
+    assert ema_backbone is not model and type(ema_backbone) is type(model)
+    state = task.get_checkpoint_state(ema=True)
+    assert list(state['state_dict_ema']) == list(model.state_dict())
+    assert 'drloc_heads' in state['task_state_ema']
+    # one step then an EMA update moves the EMA heads halfway
+    task.train()
+    head = task.get_trainable_module().heads[0].mlp[0].weight
+    before = task.get_task_state(ema=True)['drloc_heads']['0.mlp.0.weight'].clone()
+    with torch.no_grad():
+        head.add_(1.0)
+    task.update_ema()
+    after = task.get_task_state(ema=True)['drloc_heads']['0.mlp.0.weight']
+    torch.testing.assert_close(after, 0.5 * before + 0.5 * head.detach())
+
+
+def test_ema_copy_captures_its_own_grids():
+    _, task = make_task()
+    task.setup_ema(decay=0.5)
+    ema_drloc = task.get_trainable_module(ema=True).module
+    ema_drloc.train()
+    logits, loss = ema_drloc(batch()[0])
+    assert logits.shape == (4, 4) and loss > 0
+
+
+def test_clip_parameters_cover_backbone_and_heads():
+    model, task = make_task()
+    params = task.get_clip_parameters()
+    assert len(params) == len(list(model.parameters())) + len(list(task.get_trainable_module().heads.parameters()))
+
+
+@pytest.mark.parametrize('epoch,expected', [(0, 0.0), (10, 0.25), (20, 0.5), (60, 0.25), (99, 0.5 * 1 / 80)])
+def test_reference_schedule_warmup_then_decay(epoch, expected):
+    assert drloc_lambda_at(epoch, 0.5, num_epochs=100, warmup_epochs=20, decay=True) == pytest.approx(expected)
+
+
+def test_schedule_constant_by_default_and_warmup_alone_then_flat():
+    assert [drloc_lambda_at(e, 0.5, 10) for e in (0, 5, 9)] == [0.5, 0.5, 0.5]
+    assert [drloc_lambda_at(e, 0.5, 10, warmup_epochs=4) for e in (0, 2, 4, 9)] == [0.0, 0.25, 0.5, 0.5]
