@@ -202,6 +202,21 @@ def test_cnn_checkpoint_without_img_size_argument_exports_and_rebuilds(tmp_path)
     assert timm.data.resolve_data_config({}, model=model)['input_size'] == (3, 64, 64)
 
 
+def test_vit_built_at_default_size_and_trained_at_another_rebuilds_at_its_training_size(tmp_path):
+    run_dir = tmp_path / 'run'
+    run_dir.mkdir()
+    kwargs = {'depth': 1, 'dynamic_img_size': True}  # built at 224, trained on 32 x 32 images
+    task = train_and_save(run_dir, training_args(model_kwargs=kwargs, model_ema=False), model_kwargs=kwargs)
+    out = hub.export(run_dir / 'last.pth.tar', tmp_path / 'export')
+    model = timm.create_model(f'local-dir:{out}', pretrained=True).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = task.get_eval_model().eval()(x)
+
+    torch.testing.assert_close(model(x), expected)
+    assert timm.data.resolve_data_config({}, model=model)['input_size'] == (3, 32, 32)
+
+
 def test_export_into_non_empty_folder_needs_overwrite(run, tmp_path):
     out = tmp_path / 'export'
     out.mkdir()

@@ -184,26 +184,44 @@ def build_model(
         state_dict: backbone weights.
         num_classes: classifier size (default: the model's default).
         model_kwargs: extra `timm.create_model` arguments.
-        img_size: (H, W) the model was trained at; passed to models that take `img_size` (ViT, Swin...).
+        img_size: (H, W) the run's data size. Tried first as the `img_size` argument of models that take one
+            (ViT, Swin...), then without it (CNNs, and models built at their default size and run at another).
         source: where the weights came from, for error messages.
 
     Returns:
         The model in eval mode.
     """
-    import timm
     kwargs = dict(model_kwargs or {})
     if num_classes is not None:
         kwargs['num_classes'] = int(num_classes)
+    candidates = [kwargs]
+    if img_size is not None and 'img_size' not in kwargs:
+        candidates.insert(0, dict(kwargs, img_size=tuple(img_size)))
+    create_error, load_error = None, None  # report the first model that built, else the last build error
+    for candidate in candidates:
+        try:
+            model = _create(model_name, candidate, source)
+        except ValueError as e:
+            create_error = e
+            continue
+        try:
+            model.load_state_dict(state_dict, strict=True)
+            return model.eval()
+        except RuntimeError as e:
+            if load_error is None:
+                first_lines = '\n'.join(str(e).splitlines()[:4])
+                load_error = ValueError(
+                    f"The weights in '{source}' do not fit {model_name} built with {candidate}: {first_lines}\n"
+                    f"Pass the --model, --num-classes and --model-kwargs (model_name, num_classes, model_kwargs) "
+                    f"the run was trained with.")
+    raise load_error or create_error
+
+
+def _create(model_name: str, kwargs: Dict[str, Any], source: Any) -> nn.Module:
+    """timm.create_model with its errors as ValueErrors that say which flags to fix."""
+    import timm
     try:
-        if img_size is not None and 'img_size' not in kwargs:
-            try:
-                model = timm.create_model(model_name, img_size=tuple(img_size), **kwargs)
-            except TypeError as e:
-                if 'img_size' not in str(e):
-                    raise
-                model = timm.create_model(model_name, **kwargs)  # CNNs take any size: no img_size argument
-        else:
-            model = timm.create_model(model_name, **kwargs)
+        return timm.create_model(model_name, **kwargs)
     except RuntimeError as e:
         if 'Unknown model' in str(e):
             raise ValueError(f"Unknown model '{model_name}'. Pass the timm architecture the checkpoint was trained "
@@ -212,15 +230,6 @@ def build_model(
     except TypeError as e:
         raise ValueError(f"timm.create_model('{model_name}', **{kwargs}) failed: {e}. Pass the --model and "
                          f"--model-kwargs (model_name, model_kwargs) the run in '{source}' was trained with.") from e
-    try:
-        model.load_state_dict(state_dict, strict=True)
-    except RuntimeError as e:
-        first_lines = '\n'.join(str(e).splitlines()[:4])
-        raise ValueError(
-            f"The weights in '{source}' do not fit {model_name} built with {kwargs}: {first_lines}\n"
-            f"Pass the --model, --num-classes and --model-kwargs (model_name, num_classes, model_kwargs) the "
-            f"run was trained with.") from e
-    return model.eval()
 
 
 def _classifier_size(model_name: str, state_dict: Dict[str, torch.Tensor]) -> Optional[int]:
@@ -325,7 +334,9 @@ def training_recipe(
         if args.get(key) is not None:
             recipe[label] = args[key]
     if args.get('drloc_lambda') is not None:
-        recipe['DRLoc lambda schedule'] = _schedule_text(args)
+        recipe['DRLoc lambda schedule'] = _schedule_text(args) if args['drloc_lambda'] else 'DRLoc off (lambda 0)'
+    if args.get('drloc_signed') is not None:
+        recipe['DRLoc offsets'] = 'signed' if args['drloc_signed'] else 'absolute (reference code)'
     if args.get('drloc_normalize') is not None:
         recipe['DRLoc targets'] = 'divided by the grid size' if args['drloc_normalize'] else 'grid offsets (reference code)'
     if args.get('drloc_multiscale'):
