@@ -351,12 +351,31 @@ BAD_INPUT = {
                             'bad.pth.tar: cannot read this checkpoint'),
     'resume pickled code': (lambda d, t: _vit_args(d, '--resume', str(_crafted_checkpoint(
         t / 'evil.pth.tar', t / 'marker.txt'))), 'evil.pth.tar: cannot read this checkpoint'),
+    'empty data dir': (lambda d, t: _vit_args(_mkdir(t / 'empty' / 'train')), 'Found 0 images'),
+    'resume from a non-DRLoc run': (lambda d, t: _vit_args(d, '--drloc-lambda', '0.5', '--num-classes', '3',
+                                                           '--resume', str(_plain_checkpoint(t))),
+                                    'plain.pth.tar does not fit this run (The checkpoint has no DRLoc head state'),
     'num classes disagree with data': (lambda d, t: _vit_args(d, '--num-classes', '2'),
                                        'the data has 3 classes but the model has 2 outputs'),
     'stop epoch out of range': (lambda d, t: _vit_args(d, '--stop-epoch', '5'), '--stop-epoch 5 is out of range'),
     'cuda asked on a CPU machine': (lambda d, t: _vit_args(d, '--device', 'cuda'),
                                     'pass --device cpu'),
 }
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True)
+    return path.parent
+
+
+def _plain_checkpoint(tmp_path: Path) -> Path:
+    """A training checkpoint of the tiny ViT without DRLoc heads (timm's own layout)."""
+    import timm
+    model = timm.create_model('vit_tiny_patch16_224', num_classes=3, img_size=32, patch_size=8, depth=1,
+                              embed_dim=32, num_heads=2)
+    path = tmp_path / 'plain.pth.tar'
+    torch.save({'epoch': 0, 'version': 2, 'state_dict': model.state_dict()}, path)
+    return path
 
 
 def _write(path: Path, data: bytes) -> Path:

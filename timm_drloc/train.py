@@ -790,15 +790,19 @@ def _build_datasets(args: argparse.Namespace, input_img_mode: str):
     common = dict(root=args.data_dir, class_map=args.class_map, download=args.dataset_download,
                   batch_size=args.batch_size, input_img_mode=input_img_mode, input_key=args.input_key,
                   target_key=args.target_key, trust_remote_code=args.dataset_trust_remote_code)
-    dataset_train = create_dataset(
-        args.dataset, split=args.train_split, is_training=True, seed=args.seed, repeats=args.epoch_repeats,
-        num_samples=args.train_num_samples, **common)
-    if len(dataset_train) == 0 if hasattr(dataset_train, '__len__') else False:
-        raise ConfigError(f'the train split {args.train_split!r} of {args.data_dir} holds no images')
-    dataset_eval = None
-    if args.val_split:
-        dataset_eval = create_dataset(
-            args.dataset, split=args.val_split, is_training=False, num_samples=args.val_num_samples, **common)
+    try:
+        dataset_train = create_dataset(
+            args.dataset, split=args.train_split, is_training=True, seed=args.seed, repeats=args.epoch_repeats,
+            num_samples=args.train_num_samples, **common)
+        dataset_eval = None
+        if args.val_split:
+            dataset_eval = create_dataset(
+                args.dataset, split=args.val_split, is_training=False, num_samples=args.val_num_samples, **common)
+    except RuntimeError as e:
+        if 'Found 0 images' not in str(e):
+            raise
+        raise ConfigError(f'{e}; an image folder dataset holds <root>/{args.train_split}/<class>/<image> and '
+                          f'<root>/{args.val_split}/<class>/<image>') from e
     return dataset_train, dataset_eval
 
 
@@ -1232,11 +1236,15 @@ def main() -> None:
     resume_path, in_place = _resolve_resume(args, output_dir)
     resume_epoch = None
     if resume_path:
-        resume_epoch = resume_task_checkpoint(
-            task, resume_path,
-            optimizer=None if args.no_resume_opt else optimizer,
-            loss_scaler=None if args.no_resume_opt else loss_scaler,
-            log_info=utils.is_primary(args))
+        try:
+            resume_epoch = resume_task_checkpoint(
+                task, resume_path,
+                optimizer=None if args.no_resume_opt else optimizer,
+                loss_scaler=None if args.no_resume_opt else loss_scaler,
+                log_info=utils.is_primary(args))
+        except (RuntimeError, ValueError, KeyError) as e:  # another model, other DRLoc heads, other optimizer
+            raise ConfigError(f'--resume {resume_path} does not fit this run ({str(e).splitlines()[0]}); resume '
+                              f'with the flags the checkpoint was trained with (see args.yaml next to it)') from e
 
     if args.model_ema:  # after device placement, before DDP
         task.setup_ema(decay=args.model_ema_decay, use_warmup=args.model_ema_warmup,
