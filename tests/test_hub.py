@@ -423,3 +423,14 @@ def test_export_command_push_needs_token_then_uploads(run, tmp_path, monkeypatch
     (_, create), (_, upload) = fake.calls
     assert create['private'] is True and Path(upload['folder_path']) == out
     assert 'hf_test_secret_value' not in capsys.readouterr().out
+
+
+def test_push_flags_parse_with_defaults_and_no_token_flag():
+    parser = argparse.ArgumentParser()
+    hub.add_push_args(parser)
+
+    assert vars(parser.parse_args([])) == dict(push_to_hub=None, hub_private=False, hub_model='best')
+    args = parser.parse_args(['--push-to-hub', 'someone/repo', '--hub-private', '--hub-model', 'ema'])
+    assert (args.push_to_hub, args.hub_private, args.hub_model) == ('someone/repo', True, 'ema')
+    with pytest.raises(SystemExit):
+        parser.parse_args(['--hub-token', 'hf_x'])

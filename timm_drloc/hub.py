@@ -16,8 +16,8 @@ Writing the folder and uploading it are timm's and huggingface_hub's own functio
 checkpoint whose pickle would run code is refused. The Hub token is read by huggingface_hub from
 HF_TOKEN or the `hf auth login` file; it is never passed through args, printed, or written anywhere.
 
-`check_push_args()` and `push_after_training()` are the two calls a training script makes for
-`--push-to-hub`: the first before training, the second at the end.
+A training script adds the flags with `add_push_args(parser)`, calls `check_push_args(args)` before
+training (no token -> it refuses to start) and `push_after_training(args, output_dir, ...)` at the end.
 """
 import argparse
 import csv
@@ -578,6 +578,21 @@ def push_to_hub(
 # ---------------------------------------------------------------------------------------------------------
 # training-script integration
 
+def add_push_args(parser: Union[argparse.ArgumentParser, Any]) -> None:
+    """Add `--push-to-hub REPO_ID`, `--hub-private` and `--hub-model {best,last,ema}` to a parser or group.
+
+    There is deliberately no token flag: the token stays where huggingface_hub keeps it, out of args.yaml.
+    """
+    parser.add_argument('--push-to-hub', default=None, metavar='REPO_ID',
+                        help='at the end of training, export the model to timm\'s Hub format and upload it to this '
+                             'Hub repo (token: HF_TOKEN or `hf auth login`; checked before training starts)')
+    parser.add_argument('--hub-private', action='store_true', default=False,
+                        help='create the --push-to-hub repo private')
+    parser.add_argument('--hub-model', default='best', choices=HUB_MODEL_CHOICES,
+                        help='which weights --push-to-hub uploads: model_best, last, or the EMA weights of last '
+                             '(default: best)')
+
+
 def check_push_args(args: argparse.Namespace) -> None:
     """Check `--push-to-hub` settings before training starts, so a run does not fail after hours.
 
@@ -661,6 +676,8 @@ def push_after_training(
     hub_model = getattr(args, 'hub_model', None) or 'best'
     output_dir = Path(output_dir)
     checkpoint = Path(checkpoint_path) if checkpoint_path else hub_checkpoint(output_dir, hub_model)
+    if hub_model == 'best' and checkpoint.name == 'last.pth.tar':
+        _logger.info(f"No model_best.pth.tar in '{output_dir}' (no eval metric): uploading last.pth.tar.")
     folder = output_dir / DEFAULT_EXPORT_DIR
     try:
         export(checkpoint, folder, data_config=data_config, label_names=class_names, overwrite=True,
