@@ -289,8 +289,8 @@ def test_config_wrong_type_is_rejected_with_the_key(monkeypatch, tmp_path, capsy
 
 
 @pytest.mark.parametrize('argv, message', [
-    (['--drloc-lambda', '-1'], '--drloc-lambda must be >= 0, got -1.0'),
-    (['--drloc-lambda', 'nan'], '--drloc-lambda must be >= 0, got nan'),
+    (['--drloc-lambda', '-1'], '--drloc-lambda must be a finite number >= 0, got -1.0'),
+    (['--drloc-lambda', 'nan'], '--drloc-lambda must be a finite number >= 0, got nan'),
     (['--drloc-samples', '0'], '--drloc-samples must be >= 1, got 0'),
     (['--drloc-samples', '-4'], '--drloc-samples must be >= 1, got -4'),
     (['--drloc-mode', 'l2'], "invalid choice: 'l2'"),

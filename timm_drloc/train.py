@@ -440,7 +440,8 @@ def _load_config(path: str) -> Dict[str, Any]:
 def _check_drloc_flags(args: argparse.Namespace) -> None:
     """Reject DRLoc flag values that cannot work, with the value and what to use instead."""
     if not math.isfinite(args.drloc_lambda) or args.drloc_lambda < 0:
-        parser.error(f'--drloc-lambda must be >= 0, got {args.drloc_lambda}; use 0 to train without DRLoc, or a '
+        parser.error(f'--drloc-lambda must be a finite number >= 0, got {args.drloc_lambda}; use 0 to train without '
+                     f'DRLoc, or a '
                      f'weight such as 0.5 (Swin) / 0.1 (T2T, CvT)')
     if args.drloc_samples < 1:
         parser.error(f'--drloc-samples must be >= 1, got {args.drloc_samples}; the reference uses 64 pairs per image')
@@ -508,18 +509,13 @@ def _parse_args() -> Tuple[argparse.Namespace, str]:
 
 
 def _stop_epoch_check(args: argparse.Namespace, num_epochs: int) -> int:
-    """The last epoch (exclusive) this process runs: --stop-epoch, or the end of the schedule."""
+    """The epoch (exclusive) this process stops at: --stop-epoch, or the end of the `num_epochs` schedule."""
     if args.stop_epoch is None:
         return num_epochs
     if not 1 <= args.stop_epoch <= num_epochs:
         raise ConfigError(f'--stop-epoch {args.stop_epoch} is out of range: the schedule has {num_epochs} epochs, '
                           f'so use 1..{num_epochs}, or raise --epochs')
     return args.stop_epoch
-
-
-def _scheduled_epochs(args: argparse.Namespace) -> int:
-    """Epochs timm's schedulers will run for these flags (checked before any data is read)."""
-    return args.epochs + args.cooldown_epochs + (args.warmup_epochs if args.warmup_prefix else 0)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -818,6 +814,9 @@ def _check_num_classes(args: argparse.Namespace, dataset_train) -> None:
     if args.num_classes is not None and len(class_to_idx) > args.num_classes:
         raise ConfigError(f'the data has {len(class_to_idx)} classes but the model has {args.num_classes} outputs; '
                           f'pass --num-classes {len(class_to_idx)}')
+    if args.num_classes is not None and len(class_to_idx) < args.num_classes and utils.is_primary(args):
+        _logger.warning(f'the model has {args.num_classes} outputs but the data only {len(class_to_idx)} classes; '
+                        f'pass --num-classes {len(class_to_idx)} unless the extra outputs are intended')
 
 
 def _scaled_lr(args: argparse.Namespace, batch_size_reference: float) -> float:
@@ -1112,11 +1111,14 @@ def validate(
 
 
 def _set_loader_epoch(loader, epoch: int) -> None:
-    for part in (loader.dataset, getattr(loader, 'batch_sampler', None), getattr(loader, 'sampler', None)):
-        if hasattr(part, 'set_epoch'):
-            part.set_epoch(epoch)
-            if part is getattr(loader, 'batch_sampler', None):
-                break
+    """Tell the dataset and the (batch) sampler the epoch, so shuffles and size schedules differ per epoch."""
+    if hasattr(loader.dataset, 'set_epoch'):
+        loader.dataset.set_epoch(epoch)
+    batch_sampler, sampler = getattr(loader, 'batch_sampler', None), getattr(loader, 'sampler', None)
+    if hasattr(batch_sampler, 'set_epoch'):
+        batch_sampler.set_epoch(epoch)
+    elif hasattr(sampler, 'set_epoch'):
+        sampler.set_epoch(epoch)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -1128,7 +1130,8 @@ def main() -> None:
     utils.setup_default_logging()
     args, args_text = _parse_args()
     _check_run_flags(args)
-    stop_at = _stop_epoch_check(args, _scheduled_epochs(args))
+    if args.stop_epoch is not None and args.stop_epoch < 1:
+        raise ConfigError(f'--stop-epoch {args.stop_epoch} is out of range: it counts completed epochs, use >= 1')
     _check_data_dir(args)
 
     for module in args.device_modules or ():
@@ -1270,7 +1273,7 @@ def main() -> None:
     updates_per_epoch = (len(loader_train) + args.grad_accum_steps - 1) // args.grad_accum_steps
     lr_scheduler, num_epochs = create_scheduler_v2(
         optimizer, **scheduler_kwargs(args, decreasing_metric=decreasing_metric), updates_per_epoch=updates_per_epoch)
-    stop_at = min(stop_at, num_epochs)
+    stop_at = _stop_epoch_check(args, num_epochs)
     start_epoch = args.start_epoch if args.start_epoch is not None else (resume_epoch or 0)
     if lr_scheduler is not None and start_epoch > 0:
         if args.sched_on_updates:
