@@ -187,34 +187,24 @@ def test_export_of_a_drloc_task_or_model_object_matches_the_backbone(run, tmp_pa
     assert config['pretrained_cfg']['mean'] == pytest.approx(MEAN)
 
 
-def test_cnn_checkpoint_without_img_size_argument_exports_and_rebuilds(tmp_path):
+@pytest.mark.parametrize('model_name, build_kwargs, size', [
+    ('resnet10t', {}, 64),  # ResNets take no img_size argument
+    ('vit_tiny_patch16_224', {'depth': 1, 'dynamic_img_size': True}, 32),  # built at 224, trained at 32
+], ids=['cnn_without_img_size_argument', 'vit_built_at_default_size_trained_at_another'])
+def test_checkpoint_rebuilds_at_its_training_size_with_same_logits(tmp_path, model_name, build_kwargs, size):
     run_dir = tmp_path / 'run'
     run_dir.mkdir()
-    args = training_args(model='resnet10t', img_size=64, model_kwargs={}, mean=None, std=None, model_ema=False)
-    task = train_and_save(run_dir, args, model_kwargs={})  # ResNets take no img_size argument
+    args = training_args(model=model_name, img_size=size, model_kwargs=build_kwargs, mean=None, std=None,
+                         model_ema=False)
+    task = train_and_save(run_dir, args, model_kwargs=build_kwargs)
     out = hub.export(run_dir / 'last.pth.tar', tmp_path / 'export')
     model = timm.create_model(f'local-dir:{out}', pretrained=True).eval()
-    x = torch.randn(2, 3, 64, 64)
+    x = torch.randn(2, 3, size, size)
     with torch.no_grad():
         expected = task.get_eval_model().eval()(x)
 
     torch.testing.assert_close(model(x), expected)
-    assert timm.data.resolve_data_config({}, model=model)['input_size'] == (3, 64, 64)
-
-
-def test_vit_built_at_default_size_and_trained_at_another_rebuilds_at_its_training_size(tmp_path):
-    run_dir = tmp_path / 'run'
-    run_dir.mkdir()
-    kwargs = {'depth': 1, 'dynamic_img_size': True}  # built at 224, trained on 32 x 32 images
-    task = train_and_save(run_dir, training_args(model_kwargs=kwargs, model_ema=False), model_kwargs=kwargs)
-    out = hub.export(run_dir / 'last.pth.tar', tmp_path / 'export')
-    model = timm.create_model(f'local-dir:{out}', pretrained=True).eval()
-    x = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        expected = task.get_eval_model().eval()(x)
-
-    torch.testing.assert_close(model(x), expected)
-    assert timm.data.resolve_data_config({}, model=model)['input_size'] == (3, 32, 32)
+    assert timm.data.resolve_data_config({}, model=model)['input_size'] == (3, size, size)
 
 
 def test_export_into_non_empty_folder_needs_overwrite(run, tmp_path):
@@ -434,3 +424,14 @@ def test_push_flags_parse_with_defaults_and_no_token_flag():
     assert (args.push_to_hub, args.hub_private, args.hub_model) == ('someone/repo', True, 'ema')
     with pytest.raises(SystemExit):
         parser.parse_args(['--hub-token', 'hf_x'])
+
+
+def test_bare_drloc_model_state_dict_exports_backbone_without_heads(run, tmp_path):
+    saved = tmp_path / 'drloc_model.pth'
+    torch.save(run.task.get_trainable_module().state_dict(), saved)  # 'model.*' and 'heads.*' keys
+
+    out = hub.export(saved, tmp_path / 'export', model_name='vit_tiny_patch16_224', num_classes=3,
+                     model_kwargs={'depth': 2, 'img_size': 32})
+    tensors = safetensors.torch.load_file(str(out / 'model.safetensors'))
+    assert set(tensors) == set(run.model.state_dict())
+    torch.testing.assert_close(tensors['head.weight'], run.model.state_dict()['head.weight'])
