@@ -355,6 +355,8 @@ BAD_INPUT = {
     'resume from a non-DRLoc run': (lambda d, t: _vit_args(d, '--drloc-lambda', '0.5', '--num-classes', '3',
                                                            '--resume', str(_plain_checkpoint(t))),
                                     'plain.pth.tar does not fit this run (The checkpoint has no DRLoc head state'),
+    'push to hub without a token': (lambda d, t: _vit_args(d, '--push-to-hub', 'user/drloc-vit'),
+                                    '--push-to-hub user/drloc-vit needs a Hugging Face token'),
     'num classes disagree with data': (lambda d, t: _vit_args(d, '--num-classes', '2'),
                                        'the data has 3 classes but the model has 2 outputs'),
     'stop epoch out of range': (lambda d, t: _vit_args(d, '--stop-epoch', '5'), '--stop-epoch 5 is out of range'),
@@ -388,6 +390,8 @@ def test_bad_input_fails_before_training_with_a_clear_message(monkeypatch, tmp_p
     if case == 'cuda asked on a CPU machine' and torch.cuda.is_available():
         pytest.skip('this machine has CUDA')
     make_argv, message = BAD_INPUT[case]
+    monkeypatch.delenv('HF_TOKEN', raising=False)
+    monkeypatch.setattr('huggingface_hub.get_token', lambda: None)  # as on a machine never logged in
     monkeypatch.setattr(train, 'train_one_epoch', _no_training)
     monkeypatch.setattr('sys.argv', ['train_drloc.py', *make_argv(image_folder, tmp_path),
                                      '--output', str(tmp_path / 'out'), '--experiment', 'bad'])

@@ -47,6 +47,8 @@ from timm.task import (
 from timm.task.evaluator import evaluation_sample_limit
 from timm.utils import NativeScaler, load_checkpoint_metadata
 
+from timm_drloc.hub import add_push_args, check_push_args, push_after_training
+
 try:
     import wandb
     has_wandb = True
@@ -348,6 +350,8 @@ group.add_argument('--drloc-warmup-epochs', type=int, default=0, metavar='N',
                    help='ramp lambda linearly from 0 over these epochs (reference code: 20)')
 group.add_argument('--drloc-decay', action='store_true', default=False,
                    help='decay lambda linearly to 0 at the last epoch (reference code schedule)')
+group = parser.add_argument_group('Hugging Face Hub parameters', 'Upload the trained model in timm\'s Hub format.')
+add_push_args(group)
 del group, scripting_group
 
 
@@ -1125,14 +1129,21 @@ def _set_loader_epoch(loader, epoch: int) -> None:
 # main
 # ---------------------------------------------------------------------------------------------------------
 
-def main() -> None:
-    """Parse the flags, build model, task, data, optimizer and schedule, then train and evaluate each epoch."""
+def main() -> int:
+    """Parse the flags, build model, task, data, optimizer and schedule, then train and evaluate each epoch.
+
+    Returns 0, or the non-zero status of a failed `--push-to-hub` export (1) or upload (2).
+    """
     utils.setup_default_logging()
     args, args_text = _parse_args()
     _check_run_flags(args)
     if args.stop_epoch is not None and args.stop_epoch < 1:
         raise ConfigError(f'--stop-epoch {args.stop_epoch} is out of range: it counts completed epochs, use >= 1')
     _check_data_dir(args)
+    try:
+        check_push_args(args)  # no token: refuse now, not after hours of training
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
 
     for module in args.device_modules or ():
         importlib.import_module(module)
@@ -1302,10 +1313,14 @@ def main() -> None:
         torch.distributed.destroy_process_group()
     if saver is not None and saver.best_metric is not None:
         _logger.info(f'*** Best metric: {saver.best_metric} (epoch {saver.best_epoch})')
-    if utils.is_primary(args):
-        ranked = sorted(results, key=lambda r: r.get('validation', r['train']).get(eval_metric, 0),
-                        reverse=decreasing_metric)
-        print(f'--result\n{json.dumps(ranked[-10:], indent=4)}')
+    if not utils.is_primary(args):
+        return 0
+    ranked = sorted(results, key=lambda r: r.get('validation', r['train']).get(eval_metric, 0),
+                    reverse=decreasing_metric)
+    print(f'--result\n{json.dumps(ranked[-10:], indent=4)}')
+    class_to_idx = getattr(getattr(dataset_train, 'reader', None), 'class_to_idx', None) or {}
+    return push_after_training(args, output_dir, data_config=data_config,
+                               class_names=sorted(class_to_idx, key=class_to_idx.get) or None)
 
 
 def _build_loaders(args, data_config, dataset_train, dataset_eval, device, model_dtype, num_aug_splits,
@@ -1482,15 +1497,17 @@ def _train_epochs(args, task, model, eval_model, optimizer, lr_scheduler, saver,
 
 
 def run() -> None:
-    """Console entry: main(), with input errors and non-finite losses reported as one line and a non-zero exit."""
+    """Console entry: main(), with input errors (2), non-finite losses (3) and failed Hub pushes (1 export,
+    2 upload) reported as one line and a non-zero exit status."""
     try:
-        main()
+        status = main()
     except ConfigError as e:
         _logger.error(f'error: {e}')
         sys.exit(2)
     except NonFiniteLossError as e:
         _logger.error(f'error: {e}')
         sys.exit(3)
+    sys.exit(status or 0)
 
 
 if __name__ == '__main__':
