@@ -81,11 +81,18 @@ def test_drloc_run_writes_timm_outputs_and_a_plain_timm_checkpoint(monkeypatch, 
 
 
 def test_plain_run_without_drloc_has_timm_columns_and_no_task_state(monkeypatch, tmp_path, image_folder):
+    pushed = {}
+    monkeypatch.setattr(train, 'push_after_training', lambda args, output_dir, **kw: pushed.update(
+        output_dir=output_dir, **kw) or 0)
     _run(monkeypatch, _argv(image_folder, tmp_path, 'plain', '--epochs', '1'))
     rows = _summary(tmp_path / 'plain')
     assert list(rows[0]) == ['epoch', 'train_loss', 'eval_loss', 'eval_top1', 'eval_top5', 'lr']
     checkpoint = load_checkpoint_metadata(tmp_path / 'plain' / 'last.pth.tar')
     assert 'task_state' not in checkpoint
+    # the Hub push step gets the experiment folder, the class names and the training preprocessing
+    assert Path(pushed['output_dir']) == tmp_path / 'plain'
+    assert pushed['class_names'] == ['class_0', 'class_1', 'class_2']
+    assert tuple(pushed['data_config']['input_size']) == (3, 32, 32)
 
 
 def _capture_resume(monkeypatch, captured):
