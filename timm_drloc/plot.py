@@ -1,0 +1,125 @@
+"""Training curves of timm experiment folders: `timm-drloc plot EXPERIMENT_DIR [...] -o curves.png`.
+
+Reads each folder's `summary.csv` (written by timm's train.py and by train_drloc.py) and draws four
+panels against epoch, one line per experiment: train loss, DRLoc loss, eval top-1 and the DRLoc
+lambda. A plain timm run has no DRLoc columns; its DRLoc panels say so instead of drawing nothing.
+"""
+import argparse
+import csv
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence
+
+SUMMARY = 'summary.csv'
+
+# (column, panel title); the DRLoc columns are the ones train_drloc.py adds to timm's
+PANELS = (
+    ('train_loss', 'train loss (total)'),
+    ('train_drloc_loss', 'DRLoc loss (train)'),
+    ('eval_top1', 'eval top-1 (%)'),
+    ('drloc_lambda', 'DRLoc lambda'),
+)
+
+
+@dataclass
+class Experiment:
+    """The columns of one summary.csv: name -> values, one per epoch row (NaN where empty)."""
+    name: str
+    path: str
+    columns: Dict[str, List[float]] = field(default_factory=dict)
+
+    @property
+    def epochs(self) -> List[float]:
+        return self.columns.get('epoch') or list(range(len(next(iter(self.columns.values()), []))))
+
+
+def read_summary(folder: str, name: Optional[str] = None) -> Experiment:
+    """Read `folder/summary.csv`.
+
+    Raises:
+        ValueError: the folder does not exist, has no summary.csv, or the file has no rows.
+    """
+    path = os.path.join(folder, SUMMARY)
+    if not os.path.isdir(folder):
+        raise ValueError(f"'{folder}' is not a folder. Pass experiment folders (OUTPUT/EXPERIMENT) that hold a {SUMMARY}.")
+    if not os.path.isfile(path):
+        raise ValueError(
+            f"'{folder}' has no {SUMMARY}. Pass the experiment folder that train_drloc.py / timm's train.py "
+            f"wrote (it holds {SUMMARY} after the first epoch).")
+    with open(path, newline='') as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        raise ValueError(f"'{path}' has a header but no epoch rows yet: wait for the first epoch to finish.")
+    columns = {key: [_to_float(row.get(key)) for row in rows] for key in rows[0] if key}
+    return Experiment(name or os.path.basename(os.path.normpath(folder)), folder, columns)
+
+
+def _to_float(value: Optional[str]) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def plot_experiments(experiments: Sequence[Experiment], out_path: str, title: Optional[str] = None) -> str:
+    """Draw the four panels for `experiments` into the PNG `out_path`; returns out_path."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
+    for ax, (column, panel_title) in zip(axes.flat, PANELS):
+        drawn = 0
+        for exp in experiments:
+            values = exp.columns.get(column)
+            if values is None or all(math.isnan(v) for v in values):
+                continue
+            ax.plot(exp.epochs, values, marker='.' if len(values) < 30 else None, label=exp.name)
+            drawn += 1
+        ax.set_title(panel_title)
+        ax.set_xlabel('epoch')
+        ax.grid(alpha=0.3)
+        if drawn:
+            ax.legend(fontsize=8)
+        else:
+            missing = ', '.join(exp.name for exp in experiments)
+            ax.text(0.5, 0.5, f"no '{column}' column in\n{missing}\n(plain timm run: no DRLoc)",
+                    ha='center', va='center', transform=ax.transAxes, fontsize=9, color='0.4')
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    fig.savefig(out_path, dpi=100)
+    plt.close(fig)
+    return out_path
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog='timm-drloc plot', description='Plot the summary.csv curves of experiment folders into one PNG.')
+    parser.add_argument('experiments', nargs='+', metavar='EXPERIMENT_DIR', help='folders holding a summary.csv')
+    parser.add_argument('-o', '--output', default='drloc_curves.png', help='PNG to write (default: drloc_curves.png)')
+    parser.add_argument('--names', nargs='+', default=None, help='legend names, one per folder (default: folder names)')
+    parser.add_argument('--title', default=None, help='figure title')
+    return parser.parse_args(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    if args.names is not None and len(args.names) != len(args.experiments):
+        print(f"timm-drloc plot: {len(args.names)} --names for {len(args.experiments)} folders; give one name per folder.", file=sys.stderr)
+        return 2
+    names = args.names or [None] * len(args.experiments)
+    try:
+        experiments = [read_summary(folder, name) for folder, name in zip(args.experiments, names)]
+    except ValueError as e:
+        print(f'timm-drloc plot: {e}', file=sys.stderr)
+        return 2
+    print(f'wrote {plot_experiments(experiments, args.output, args.title)}')
+    return 0
+
+
+if __name__ == '__main__':
+    raise SystemExit(main())
