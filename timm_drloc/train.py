@@ -1028,7 +1028,8 @@ def train_one_epoch(
     return metrics
 
 
-def _backward(loss, args, task, optimizer, loss_scaler, second_order: bool, need_update: bool) -> None:
+def _backward(loss: torch.Tensor, args: argparse.Namespace, task: nn.Module, optimizer: torch.optim.Optimizer,
+              loss_scaler: Optional[NativeScaler], second_order: bool, need_update: bool) -> None:
     """Backward, then (on an update step) clip and step, through the AMP loss scaler when there is one."""
     clip_parameters = None
     if args.clip_grad is not None:
@@ -1044,7 +1045,7 @@ def _backward(loss, args, task, optimizer, loss_scaler, second_order: bool, need
         optimizer.step()
 
 
-def _batch_loss_scale(args, batch_size: int, reference: Optional[float], naflex_mode: bool,
+def _batch_loss_scale(args: argparse.Namespace, batch_size: int, reference: Optional[float], naflex_mode: bool,
                       scheduled_batch_mode: bool, device: torch.device) -> float:
     """Loss multiplier for variable batch sizes (NaFlex / scheduled resolution); 1 otherwise."""
     if not (naflex_mode or scheduled_batch_mode):
@@ -1306,7 +1307,7 @@ def main() -> int:
 
     results = _train_epochs(
         args, task, model, eval_model, optimizer, lr_scheduler, saver, output_dir, loader_train, loader_eval,
-        train_loss_fn, validate_loss_fn, device, amp_autocast, loss_scaler, model_dtype, mixup_fn, naflex_mode,
+        validate_loss_fn, device, amp_autocast, loss_scaler, model_dtype, mixup_fn, naflex_mode,
         scheduled_batch_mode, batch_size_reference, start_epoch, stop_at, num_epochs, eval_metric)
 
     if args.distributed:
@@ -1323,8 +1324,18 @@ def main() -> int:
                                class_names=sorted(class_to_idx, key=class_to_idx.get) or None)
 
 
-def _build_loaders(args, data_config, dataset_train, dataset_eval, device, model_dtype, num_aug_splits,
-                   mixup_active, mixup_args, model_patch_size):
+def _build_loaders(
+        args: argparse.Namespace,
+        data_config: Dict[str, Any],
+        dataset_train,
+        dataset_eval,
+        device: torch.device,
+        model_dtype: Optional[torch.dtype],
+        num_aug_splits: int,
+        mixup_active: bool,
+        mixup_args: Dict[str, Any],
+        model_patch_size: Optional[Tuple[int, int]],
+) -> Tuple[Any, Any, Optional[Mixup], bool, bool, float]:
     """Train and eval loaders (standard, scheduled-resolution or NaFlex), the host-side mixup, the batch reference."""
     train_interpolation = data_config['interpolation'] if args.no_aug or not args.train_interpolation \
         else args.train_interpolation
@@ -1408,8 +1419,19 @@ def _build_loaders(args, data_config, dataset_train, dataset_eval, device, model
     return loader_train, loader_eval, mixup_fn, naflex_mode, scheduled_batch_mode, batch_size_reference
 
 
-def _setup_output(args, args_text, output_dir, model, optimizer, loss_scaler, task, decreasing_metric,
-                  resume_path, in_place, start_epoch) -> utils.CheckpointSaver:
+def _setup_output(
+        args: argparse.Namespace,
+        args_text: str,
+        output_dir: str,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        loss_scaler: Optional[NativeScaler],
+        task: nn.Module,
+        decreasing_metric: bool,
+        resume_path: str,
+        in_place: bool,
+        start_epoch: int,
+) -> utils.CheckpointSaver:
     """Primary process: the experiment folder, args.yaml, the checkpoint saver and summary.csv state, wandb."""
     output_dir = utils.get_outdir(output_dir)
     saver = AtomicCheckpointSaver(
@@ -1436,10 +1458,31 @@ def _setup_output(args, args_text, output_dir, model, optimizer, loss_scaler, ta
     return saver
 
 
-def _train_epochs(args, task, model, eval_model, optimizer, lr_scheduler, saver, output_dir, loader_train,
-                  loader_eval, train_loss_fn, validate_loss_fn, device, amp_autocast, loss_scaler, model_dtype,
-                  mixup_fn, naflex_mode, scheduled_batch_mode, batch_size_reference, start_epoch, stop_at,
-                  num_epochs, eval_metric) -> List[Dict[str, Any]]:
+def _train_epochs(
+        args: argparse.Namespace,
+        task: nn.Module,
+        model: nn.Module,
+        eval_model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        lr_scheduler,
+        saver: Optional[utils.CheckpointSaver],
+        output_dir: Optional[str],
+        loader_train,
+        loader_eval,
+        validate_loss_fn: nn.Module,
+        device: torch.device,
+        amp_autocast,
+        loss_scaler: Optional[NativeScaler],
+        model_dtype: Optional[torch.dtype],
+        mixup_fn: Optional[Mixup],
+        naflex_mode: bool,
+        scheduled_batch_mode: bool,
+        batch_size_reference: float,
+        start_epoch: int,
+        stop_at: int,
+        num_epochs: int,
+        eval_metric: str,
+) -> List[Dict[str, Any]]:
     """Epochs start_epoch..stop_at-1: train, evaluate, write the summary, checkpoint, step the schedule."""
     drloc_on = args.drloc_lambda > 0
     results = []
