@@ -60,6 +60,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--head-steps', type=int, default=30, help='timed steps of the head-alone comparison')
     parser.add_argument('--skip-head', action='store_true', help='do not run the head-alone comparison')
     parser.add_argument('--opt', default='adamw', help="timm optimizer for both tasks (default: adamw)")
+    parser.add_argument('--threads', type=int, default=None,
+                        help='torch CPU threads (default: torch\'s); 1 gives the steadiest CPU-time ratio on shared cores')
     parser.add_argument('--seed', type=int, default=0)
     args = parser.parse_args(argv)
     if args.steps < 5:
@@ -239,6 +241,8 @@ def mib(num_bytes: int) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == 'cuda' else f'CPU, {torch.get_num_threads()} threads'
     print(f'# torch {torch.__version__}, {name}; batch {args.batch_size}, {args.img_size}px, m={args.samples}, '

@@ -1,0 +1,80 @@
+"""The digits demo: the ImageFolder it writes, and a tiny end-to-end run of both trainings."""
+import csv
+import importlib.util
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from timm_drloc.demo import main as demo_main, write_digits
+from timm_drloc.plot import read_summary
+
+DIGITS = [str(d) for d in range(10)]
+
+
+def test_digits_image_folder_has_ten_classes_with_the_requested_counts(tmp_path):
+    counts = write_digits(str(tmp_path), train_per_class=7, val_per_class=3, img_size=24)
+    for split, per_class in (('train', 7), ('validation', 3)):
+        assert sorted(os.listdir(tmp_path / split)) == DIGITS
+        for digit in DIGITS:
+            files = os.listdir(tmp_path / split / digit)
+            assert len(files) == per_class and all(f.endswith('.png') for f in files)
+        assert counts[split] == {d: per_class for d in DIGITS}
+
+
+def test_digits_are_real_rgb_images_of_the_requested_size(tmp_path):
+    write_digits(str(tmp_path), train_per_class=2, val_per_class=1, img_size=32)
+    folder = tmp_path / 'train' / '0'
+    for name in os.listdir(folder):
+        with Image.open(folder / name) as image:
+            assert image.mode == 'RGB' and image.size == (32, 32)
+            pixels = np.asarray(image)
+        assert pixels.max() > 150 and pixels.min() < 30  # a bright stroke on a dark background
+        assert (pixels[..., 0] == pixels[..., 1]).all()  # grayscale scan in three equal channels
+
+
+def test_digits_split_is_fixed_by_the_seed_and_train_and_validation_do_not_overlap(tmp_path):
+    write_digits(str(tmp_path / 'a'), train_per_class=5, val_per_class=5, seed=3)
+    write_digits(str(tmp_path / 'b'), train_per_class=5, val_per_class=5, seed=3)
+    for digit in DIGITS:
+        train = set(os.listdir(tmp_path / 'a' / 'train' / digit))
+        val = set(os.listdir(tmp_path / 'a' / 'validation' / digit))
+        assert not train & val
+        assert train == set(os.listdir(tmp_path / 'b' / 'train' / digit))
+
+
+def test_digits_all_remaining_images_go_to_validation_when_val_per_class_is_none(tmp_path):
+    counts = write_digits(str(tmp_path), train_per_class=40, val_per_class=None, img_size=8)
+    assert sum(counts['train'].values()) == 400
+    assert sum(counts['train'].values()) + sum(counts['validation'].values()) == 1797
+
+
+def test_digits_split_larger_than_the_rarest_digit_is_refused(tmp_path):
+    with pytest.raises(ValueError, match='rarest digit has 174'):
+        write_digits(str(tmp_path), train_per_class=150, val_per_class=30)
+
+
+@pytest.mark.skipif(importlib.util.find_spec('timm_drloc.train') is None,
+                    reason='timm_drloc.train (train_drloc.py) is not in this checkout yet')
+def test_demo_trains_baseline_and_drloc_and_writes_table_and_curves(tmp_path):
+    out = tmp_path / 'demo'
+    args = ['--out', str(out), '--epochs', '1', '--seeds', '0', '--train-per-class', '4', '--val-per-class', '2',
+            '--img-size', '16', '-b', '8', '--drloc-hidden-dim', '16',
+            '--model-kwargs', 'img_size=16', 'patch_size=4', 'embed_dim=32', 'depth=1', 'num_heads=2',
+            '--warmup-epochs', '0']  # the last one is passed on to train_drloc.py
+    assert demo_main(args) == 0
+    with open(out / 'results.csv', newline='') as f:
+        rows = list(csv.DictReader(f))
+    assert [row['seed'] for row in rows] == ['0']
+    for key in ('baseline_final', 'drloc_final', 'baseline_best', 'drloc_best'):
+        assert 0.0 <= float(rows[0][key]) <= 100.0
+    assert float(rows[0]['delta_final']) == pytest.approx(
+        float(rows[0]['drloc_final']) - float(rows[0]['baseline_final']))
+    assert 'Paired delta' in (out / 'results.md').read_text()
+    assert (out / 'curves.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+    drloc = read_summary(str(out / 'runs' / 'seed0-drloc')).columns
+    baseline = read_summary(str(out / 'runs' / 'seed0-baseline')).columns
+    assert drloc['drloc_lambda'] == [0.5]
+    assert drloc['train_drloc_loss'][0] > 0
+    assert baseline.get('drloc_lambda', [0.0]) == [0.0]
