@@ -706,6 +706,59 @@ def _build_model(args: argparse.Namespace) -> nn.Module:
     return model
 
 
+def _aug_splits(args: argparse.Namespace) -> int:
+    """Number of augmentation splits (0: off)."""
+    if args.aug_splits == 1:
+        raise ConfigError('--aug-splits 1 makes no split; use 0 (off) or 2 and more')
+    return max(args.aug_splits, 0)
+
+
+def _place_model(
+        args: argparse.Namespace,
+        model: nn.Module,
+        device: torch.device,
+        model_dtype: Optional[torch.dtype],
+        num_aug_splits: int,
+) -> Tuple[nn.Module, Optional[Tuple[int, int]]]:
+    """Split / sync BatchNorm, device, dtype, memory format and TorchScript; also the NaFlex patch size."""
+    if args.split_bn:
+        if num_aug_splits <= 1 and not args.resplit:
+            raise ConfigError('--split-bn needs --aug-splits 2 or more (or --resplit)')
+        model = convert_splitbn_model(model, max(num_aug_splits, 2))
+    model.to(device=device, dtype=model_dtype)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if args.distributed and args.sync_bn:
+        args.dist_bn = ''  # synchronized BN needs no statistics sharing after the epoch
+        if args.split_bn:
+            raise ConfigError('--sync-bn and --split-bn cannot be combined; choose one')
+        model = convert_sync_batchnorm(model)
+        if utils.is_primary(args):
+            _logger.info('Converted BatchNorm to SyncBatchNorm (zero-initialized BN layers may misbehave with it).')
+    elif args.sync_bn and utils.is_primary(args):
+        _logger.info('--sync-bn has no effect in a single process run')
+    patch_size = model.get_patch_size() if args.naflex_loader and hasattr(model, 'get_patch_size') else None
+    if args.torchscript:
+        if args.sync_bn:
+            raise ConfigError('--torchscript cannot script SyncBatchNorm; drop --sync-bn')
+        model = torch.jit.script(model)
+    return model, patch_size
+
+
+def _amp(args: argparse.Namespace, device: torch.device,
+         model_dtype: Optional[torch.dtype]) -> Tuple[Callable, Optional[NativeScaler]]:
+    """The autocast context for --amp (a no-op context without it), and the loss scaler float16 needs on CUDA."""
+    if not args.amp:
+        if utils.is_primary(args):
+            _logger.info(f'AMP off, training in {model_dtype or torch.float32}.')
+        return suppress, None
+    amp_dtype = torch.bfloat16 if args.amp_dtype == 'bfloat16' else torch.float16
+    loss_scaler = NativeScaler(device=device.type) if device.type == 'cuda' and amp_dtype == torch.float16 else None
+    if utils.is_primary(args):
+        _logger.info(f'Mixed precision training with torch.autocast ({amp_dtype}).')
+    return partial(torch.autocast, device_type=device.type, dtype=amp_dtype), loss_scaler
+
+
 def _build_train_loss(args: argparse.Namespace, num_aug_splits: int, mixup_active: bool) -> nn.Module:
     """The classification criterion timm's train.py picks for these flags."""
     bce_kwargs = dict(target_threshold=args.bce_target_thresh, sum_classes=args.bce_sum,
@@ -1130,13 +1183,8 @@ def _set_loader_epoch(loader, epoch: int) -> None:
 # main
 # ---------------------------------------------------------------------------------------------------------
 
-def main() -> int:
-    """Parse the flags, build model, task, data, optimizer and schedule, then train and evaluate each epoch.
-
-    Returns 0, or the non-zero status of a failed `--push-to-hub` export (1) or upload (2).
-    """
-    utils.setup_default_logging()
-    args, args_text = _parse_args()
+def _check_before_start(args: argparse.Namespace) -> None:
+    """Everything that can be checked without a model or data: flags, data dir, Hub token, device."""
     _check_run_flags(args)
     if args.stop_epoch is not None and args.stop_epoch < 1:
         raise ConfigError(f'--stop-epoch {args.stop_epoch} is out of range: it counts completed epochs, use >= 1')
@@ -1145,11 +1193,20 @@ def main() -> int:
         check_push_args(args)  # no token: refuse now, not after hours of training
     except ValueError as e:
         raise ConfigError(str(e)) from e
-
     for module in args.device_modules or ():
         importlib.import_module(module)
     if args.device.startswith('cuda') and not torch.cuda.is_available():
         raise ConfigError(f'--device {args.device} but no CUDA device is available; pass --device cpu')
+
+
+def main() -> int:
+    """Parse the flags, build model, task, data, optimizer and schedule, then train and evaluate each epoch.
+
+    Returns 0, or the non-zero status of a failed `--push-to-hub` export (1) or upload (2).
+    """
+    utils.setup_default_logging()
+    args, args_text = _parse_args()
+    _check_before_start(args)
     if torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
@@ -1165,7 +1222,6 @@ def main() -> int:
     model_dtype = getattr(torch, args.model_dtype) if args.model_dtype else None
     if model_dtype == torch.float16:
         _logger.warning('float16 weights train poorly; prefer --model-dtype bfloat16 or --amp')
-    amp_dtype = torch.bfloat16 if args.amp_dtype == 'bfloat16' else torch.float16
 
     utils.random_seed(args.seed, args.rank)
     if args.fuser:
@@ -1179,44 +1235,9 @@ def main() -> int:
                      f'{sum(p.numel() for p in model.parameters())}')
     data_config = resolve_data_config(vars(args), model=model, verbose=utils.is_primary(args))
 
-    num_aug_splits = 0
-    if args.aug_splits > 0:
-        if args.aug_splits == 1:
-            raise ConfigError('--aug-splits 1 makes no split; use 0 (off) or 2 and more')
-        num_aug_splits = args.aug_splits
-    if args.split_bn:
-        if num_aug_splits <= 1 and not args.resplit:
-            raise ConfigError('--split-bn needs --aug-splits 2 or more (or --resplit)')
-        model = convert_splitbn_model(model, max(num_aug_splits, 2))
-
-    model.to(device=device, dtype=model_dtype)
-    if args.channels_last:
-        model.to(memory_format=torch.channels_last)
-    if args.distributed and args.sync_bn:
-        args.dist_bn = ''  # synchronized BN needs no statistics sharing after the epoch
-        if args.split_bn:
-            raise ConfigError('--sync-bn and --split-bn cannot be combined; choose one')
-        model = convert_sync_batchnorm(model)
-        if utils.is_primary(args):
-            _logger.info('Converted BatchNorm to SyncBatchNorm (zero-initialized BN layers may misbehave with it).')
-    elif args.sync_bn and utils.is_primary(args):
-        _logger.info('--sync-bn has no effect in a single process run')
-    model_patch_size = model.get_patch_size() if args.naflex_loader and hasattr(model, 'get_patch_size') else None
-    if args.torchscript:
-        if args.sync_bn:
-            raise ConfigError('--torchscript cannot script SyncBatchNorm; drop --sync-bn')
-        model = torch.jit.script(model)
-
-    amp_autocast = suppress
-    loss_scaler = None
-    if args.amp:
-        amp_autocast = partial(torch.autocast, device_type=device.type, dtype=amp_dtype)
-        if device.type == 'cuda' and amp_dtype == torch.float16:
-            loss_scaler = NativeScaler(device=device.type)
-        if utils.is_primary(args):
-            _logger.info(f'Mixed precision training with torch.autocast ({amp_dtype}).')
-    elif utils.is_primary(args):
-        _logger.info(f'AMP off, training in {model_dtype or torch.float32}.')
+    num_aug_splits = _aug_splits(args)
+    model, model_patch_size = _place_model(args, model, device, model_dtype, num_aug_splits)
+    amp_autocast, loss_scaler = _amp(args, device, model_dtype)
 
     mixup_active = args.mixup > 0 or args.cutmix > 0. or args.cutmix_minmax is not None
     mixup_args = {}
