@@ -147,6 +147,12 @@ def test_model_ema_run_checkpoints_ema_weights_and_heads(monkeypatch, tmp_path, 
     assert 'drloc_heads' in checkpoint['task_state_ema']
 
 
+def test_torchcompile_run_checkpoints_plain_keys(monkeypatch, tmp_path, image_folder):
+    _, checkpoint = _one_epoch(monkeypatch, tmp_path, image_folder, 'compiled', '--torchcompile', 'eager')
+    assert not any('_orig_mod' in k or k.startswith('model.') for k in checkpoint['state_dict'])
+    assert 'drloc_heads' in checkpoint['task_state']
+
+
 def test_amp_bfloat16_run(monkeypatch, tmp_path, image_folder):
     row, _ = _one_epoch(monkeypatch, tmp_path, image_folder, 'amp', '--amp', '--amp-dtype', 'bfloat16')
     assert 0 <= float(row['eval_top1']) <= 100
