@@ -336,11 +336,11 @@ BAD_INPUT = {
     'missing data dir': (lambda d, t: _vit_args(t / 'nowhere', '--drloc-lambda', '0.5'),
                          'does not exist; pass the dataset root with --data-dir'),
     'drloc multiscale on a ViT': (lambda d, t: _vit_args(d, '--drloc-lambda', '0.5', '--drloc-multiscale'),
-                                  'multiscale'),
+                                  'drop --drloc-multiscale'),
     'drloc layers naming no module': (lambda d, t: _vit_args(d, '--drloc-lambda', '0.5', '--drloc-layers',
-                                                             'blocks.99'), 'blocks.99'),
+                                                             'blocks.99'), "no module named 'blocks.99'"),
     'image too small for a grid': (lambda d, t: _vit_args(d, '--drloc-lambda', '0.5', model_kwargs=(
-        'img_size=8', 'patch_size=8', 'depth=1', 'embed_dim=32', 'num_heads=2')), '1x1'),
+        'img_size=8', 'patch_size=8', 'depth=1', 'embed_dim=32', 'num_heads=2')), 'feature grid is 1x1'),
     'fixed-size model at another size': (lambda d, t: _vit_args(d, '--drloc-lambda', '0.5', model_kwargs=(
         'patch_size=8', 'depth=1', 'embed_dim=32', 'num_heads=2')), '--model-kwargs img_size=32'),
     'unknown model': (lambda d, t: ['--data-dir', str(d), '--model', 'not_a_model', '--device', 'cpu'],

@@ -776,6 +776,20 @@ def _build_train_loss(args: argparse.Namespace, num_aug_splits: int, mixup_activ
     return nn.CrossEntropyLoss()
 
 
+def _drloc_cli_hint(message: str, input_size: Sequence[int]) -> str:
+    """The command-line form of the fix a DRLoc library error names in API terms."""
+    if 'probe' in message:
+        return (f' (on the command line: models with a fixed input size need it at creation, e.g. '
+                f'--model-kwargs img_size={input_size[-1]})')
+    if 'multiscale' in message:
+        return ' (on the command line: drop --drloc-multiscale)'
+    if 'layers' in message:
+        return ' (on the command line: --drloc-layers PATH [PATH ...])'
+    if '1x1' in message:
+        return ' (on the command line: a larger --img-size with --model-kwargs img_size=..., or --drloc-layers)'
+    return ''
+
+
 def _build_task(
         args: argparse.Namespace,
         model: nn.Module,
@@ -806,11 +820,7 @@ def _build_task(
                 verbose=verbose,
             )
         except ValueError as e:
-            hint = ''
-            if 'probe' in str(e):
-                hint = (f' (on the command line: models with a fixed input size need it at creation, e.g. '
-                        f'--model-kwargs img_size={input_size[-1]})')
-            raise ConfigError(f'cannot add DRLoc to {args.model}: {e}{hint}') from e
+            raise ConfigError(f'cannot add DRLoc to {args.model}: {e}{_drloc_cli_hint(str(e), input_size)}') from e
     if args.kd_model_name is not None:
         common = dict(student_model=model, teacher_model=args.kd_model_name, criterion=criterion,
                       distill_loss_weight=args.distill_loss_weight, task_loss_weight=args.task_loss_weight,
