@@ -8,7 +8,7 @@ from typing import List, Optional
 
 # subcommand -> (module, function taking argv, one-line help)
 COMMANDS = {
-    'train': ('timm_drloc.train', 'main', "train a timm model with DRLoc (train_drloc.py's flags)"),
+    'train': ('timm_drloc.train', 'run', "train a timm model with DRLoc (train_drloc.py's flags)"),
     'demo': ('timm_drloc.demo', 'main', 'digits demo: the same ViT trained with and without DRLoc'),
     'plot': ('timm_drloc.plot', 'main', "plot summary.csv curves of experiment folders to a PNG"),
     'export': ('timm_drloc.hub', 'export_main', "export a checkpoint to a folder in timm's Hub format"),

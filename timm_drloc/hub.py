@@ -645,6 +645,10 @@ def hub_checkpoint(output_dir: Union[str, Path], hub_model: str = 'best') -> Pat
     return last
 
 
+# exit status of a failed upload (2 is bad input, 3 a non-finite loss)
+UPLOAD_FAILED = 4
+
+
 def push_after_training(
         args: argparse.Namespace,
         output_dir: Union[str, Path],
@@ -667,7 +671,7 @@ def push_after_training(
         class_names: class names in index order (e.g. the train dataset's classes), for config.json.
 
     Returns:
-        0 on success (or nothing to do); 1 when the export failed, 2 when the upload failed. The
+        0 on success (or nothing to do); 1 when the export failed, 4 when the upload failed. The
         checkpoints are only read; on failure the export folder, when written, is kept and logged.
     """
     repo_id = getattr(args, 'push_to_hub', None)
@@ -693,7 +697,7 @@ def push_after_training(
             f"Upload to the Hub repo '{repo_id}' failed ({type(e).__name__}: {e}). The export is kept in "
             f"'{folder}' and the checkpoints are unchanged; upload it later with "
             f"`hf upload {repo_id} {folder}` or timm_drloc.push_to_hub('{folder}', '{repo_id}').")
-        return 2
+        return UPLOAD_FAILED
     _logger.info(f"Uploaded the {hub_model} model to {url} (export kept in '{folder}').")
     return 0
 

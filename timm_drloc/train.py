@@ -1572,7 +1572,7 @@ def _train_epochs(
 
 def run() -> None:
     """Console entry: main(), with input errors (2), non-finite losses (3) and failed Hub pushes (1 export,
-    2 upload) reported as one line and a non-zero exit status."""
+    4 upload) reported as one line and a non-zero exit status."""
     try:
         status = main()
     except ConfigError as e:
