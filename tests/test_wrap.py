@@ -239,3 +239,35 @@ def test_output_is_a_named_tuple():
     assert isinstance(drloc, DRLocModel)
     out = drloc(x)
     assert isinstance(out, DRLocOutput) and out.logits is out[0] and out.drloc_loss is out[1]
+
+
+class TupleStage(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, stride=4, padding=1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return y, y.mean((2, 3))  # a grid and a pooled summary, as multi-output stages return
+
+
+class TupleModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stage = TupleStage()
+        self.fc = nn.Linear(16, 3)
+
+    def forward(self, x):
+        grid, pooled = self.stage(x)
+        return self.fc(torch.cat((grid.amax((2, 3)), pooled), 1))
+
+
+def test_module_with_tuple_output_reads_its_grid_and_keeps_the_model_running():
+    model = TupleModel()
+    drloc = wrap(model, layers=['stage'], input_size=(3, 32, 32), hidden_dim=8)
+    assert drloc.sources[0].grid_size == (8, 8) and drloc.sources[0].num_chs == 8
+    x = torch.randn(2, 3, 32, 32)
+    logits, loss = drloc(x)
+    assert loss > 0
+    drloc.eval()
+    assert torch.equal(drloc(x), model(x))

@@ -271,11 +271,10 @@ def _probe_outputs(model: nn.Module, input_size, names: Sequence[str], route: st
                 indices = [int(n.split('.')[-1]) for n in names]
                 _, feats = model.forward_intermediates(x, indices=indices, norm=False)
                 return list(feats)
-            captured = {}
-            handles = [
-                model.get_submodule(n).register_forward_hook(
-                    lambda m, a, o, n=n: captured.setdefault(n, o[0] if isinstance(o, (tuple, list)) else o))
-                for n in names]
+            captures = {n: GridCapture() for n in names}
+            handles = [model.get_submodule(n).register_forward_hook(captures[n]) for n in names]
+            for capture in captures.values():
+                capture.start()
             try:
                 model(x)
             finally:
@@ -289,10 +288,11 @@ def _probe_outputs(model: nn.Module, input_size, names: Sequence[str], route: st
             f"Pass the input size the model is used with: input_size=(C, H, W).") from e
     finally:
         model.train(was_training)
-    missing = [n for n in names if n not in captured]
+    outputs = [captures[n].stop() for n in names]
+    missing = [n for n, out in zip(names, outputs) if out is None]
     if missing:
         raise ValueError(f"Module(s) {missing} did not run in {type(model).__name__}'s forward: no grid to read there.")
-    return [captured[n] for n in names]
+    return outputs
 
 
 def unwrap_once(m: nn.Module) -> nn.Module:
