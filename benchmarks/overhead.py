@@ -142,8 +142,10 @@ def build_tasks(args: argparse.Namespace, model_name: str, device: torch.device)
     from timm_drloc import DRLocTask
 
     torch.manual_seed(args.seed)
-    model = timm.create_model(model_name, pretrained=False, img_size=args.img_size) if 'resnet' not in model_name \
-        else timm.create_model(model_name, pretrained=False)
+    try:
+        model = timm.create_model(model_name, pretrained=False, img_size=args.img_size)
+    except TypeError:  # CNNs take any input size and have no img_size argument
+        model = timm.create_model(model_name, pretrained=False)
     plain = copy.deepcopy(model)  # before wrap(): the copy carries no DRLoc hooks
     baseline = ClassificationTask(plain.to(device), device=device, verbose=False)
     drloc = DRLocTask(model.to(device), drloc_lambda=0.5, num_samples=args.samples, hidden_dim=args.hidden_dim,
