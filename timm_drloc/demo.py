@@ -175,7 +175,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> Tuple[argparse.Namespace
         epilog='Other arguments are passed on to train_drloc.py.')
     parser.add_argument('--out', default='drloc_demo', help='output folder (data, runs, results) (default: drloc_demo)')
     parser.add_argument('--epochs', type=int, default=15)
-    parser.add_argument('--seeds', type=int, nargs='+', default=[0], help='one baseline + DRLoc pair per seed')
+    parser.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2],
+                        help='one baseline + DRLoc pair per seed (default 0 1 2: mean and range of the delta)')
     parser.add_argument('--train-per-class', type=int, default=40, help='training images per digit (default 40: 400)')
     parser.add_argument('--val-per-class', type=int, default=30, help='validation images per digit (default 30: 300)')
     parser.add_argument('--split-seed', type=int, default=0, help='seed of the fixed train/validation split')
