@@ -59,6 +59,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--warmup', type=int, default=2, help='untimed steps per task first')
     parser.add_argument('--head-steps', type=int, default=30, help='timed steps of the head-alone comparison')
     parser.add_argument('--skip-head', action='store_true', help='do not run the head-alone comparison')
+    parser.add_argument('--phases', action='store_true', help='also print CPU time of forward / backward / optimizer')
     parser.add_argument('--opt', default='adamw', help="timm optimizer for both tasks (default: adamw)")
     parser.add_argument('--threads', type=int, default=None,
                         help='torch CPU threads (default: torch\'s); 1 gives the steadiest CPU-time ratio on shared cores')
@@ -77,17 +78,28 @@ def synchronize(device: torch.device) -> None:
 
 
 def make_step(task: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
-              amp: bool) -> Callable[[], None]:
-    """One training step of `task` on a fixed batch: images (B, 3, H, W), labels (B,)."""
+              amp: bool, phases: Optional[Dict[str, List[float]]] = None) -> Callable[[], None]:
+    """One training step of `task` on a fixed batch: images (B, 3, H, W), labels (B,).
+
+    With `phases` (a dict), the process CPU seconds of 'forward' (with the loss), 'backward' and
+    'optimizer' are appended to it at every call (CPU runs; CUDA work is asynchronous).
+    """
     device = images.device
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
+        marks = [time.process_time()]
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
             result = task(images, labels)
+        marks.append(time.process_time())
         result['loss'].backward()
+        marks.append(time.process_time())
         optimizer.step()
         synchronize(device)
+        marks.append(time.process_time())
+        if phases is not None:
+            for name, start, stop in zip(('forward', 'backward', 'optimizer'), marks, marks[1:]):
+                phases.setdefault(name, []).append(stop - start)
     return step
 
 
@@ -167,8 +179,14 @@ def bench_model(args: argparse.Namespace, model_name: str, device: torch.device)
     generator = torch.Generator().manual_seed(args.seed)
     images = torch.randn(args.batch_size, 3, args.img_size, args.img_size, generator=generator).to(device)
     labels = torch.randint(0, 1000, (args.batch_size,), generator=generator).to(device)
-    steps = {name: make_step(task, optimizers[name], images, labels, args.amp) for name, task in tasks.items()}
+    phases = {name: {} for name in tasks}
+    steps = {name: make_step(task, optimizers[name], images, labels, args.amp, phases[name])
+             for name, task in tasks.items()}
     wall, cpu = time_alternating(steps, args.steps, args.warmup)
+    if args.phases:
+        for name, times in phases.items():
+            medians = ', '.join(f'{phase} {statistics.median(v[args.warmup:]):.3f}' for phase, v in times.items())
+            print(f'#   {model_name} {name}: process CPU s per phase (median): {medians}')
     stats = {name: StepStats(statistics.median(wall[name]), statistics.median(cpu[name]),
                              peak_step_memory(steps[name], device)) for name in steps}
     grids = [(s.grid_size, s.num_chs, s.layout) for s in drloc.trainable_module.sources]
