@@ -271,3 +271,45 @@ def test_module_with_tuple_output_reads_its_grid_and_keeps_the_model_running():
     assert loss > 0
     drloc.eval()
     assert torch.equal(drloc(x), model(x))
+
+
+@pytest.mark.parametrize('name,kwargs,size,grid,prefix', [
+    ('cait_xxs24_224', dict(img_size=64, depth=2), 64, (4, 4), 0),    # blocks output patch tokens only
+    ('xcit_nano_12_p8_224', dict(img_size=32, depth=2), 32, (4, 4), 0),
+])
+def test_token_models_whose_blocks_carry_no_class_token(name, kwargs, size, grid, prefix):
+    model = timm.create_model(name, num_classes=3, **kwargs)
+    assert model.num_prefix_tokens == 1  # the model's own count, which its block outputs do not have
+    drloc = wrap(model, hidden_dim=8)
+    assert (drloc.sources[0].grid_size, drloc.sources[0].num_prefix_tokens) == (grid, prefix)
+    logits, loss = drloc(torch.randn(2, 3, size, size))
+    assert logits.shape == (2, 3) and loss > 0
+
+
+def test_multi_branch_output_reads_the_feature_info_branch():
+    model = timm.create_model('crossvit_tiny_240', num_classes=3)
+    drloc = wrap(model, hidden_dim=8)
+    source = drloc.sources[0]
+    assert source.num_chs == model.feature_info[-1]['num_chs'] == 192 and source.output_index == 1
+    assert source.grid_size == (14, 14)
+
+
+def test_repeated_feature_info_names_use_the_last_stage():
+    model = timm.create_model('coat_tiny', num_classes=3, img_size=64)
+    drloc = wrap(model, hidden_dim=8, input_size=(3, 64, 64))
+    assert drloc.route == 'intermediates'
+    assert drloc.sources[0].grid_size == (2, 2)  # stride 32, not the first of the three same-named entries
+    logits, loss = drloc(torch.randn(2, 3, 64, 64))
+    assert logits.shape == (2, 3) and loss > 0
+
+
+def test_hiera_multiscale_grids_are_in_row_major_order():
+    model = timm.create_model('hiera_tiny_224', num_classes=3).eval()
+    drloc = wrap(model, multiscale=True, hidden_dim=8)
+    x = torch.randn(1, 3, 224, 224)
+    _, feats = drloc.forward_with_grids(x)
+    grids = [timm_drloc.grids.to_grid(f, s, (224, 224)) for f, s in zip(feats, drloc.sources)]
+    _, reference = model.forward_intermediates(x, indices=4, norm=False)  # NCHW, rows in image order
+    assert [tuple(g.shape[1:3]) for g in grids] == [(56, 56), (28, 28), (14, 14), (7, 7)]
+    for grid, ref in zip(grids, reference):
+        torch.testing.assert_close(grid, ref.permute(0, 2, 3, 1))

@@ -38,6 +38,8 @@ class GridSource:
         num_prefix_tokens: tokens before the grid tokens (NLC layout only).
         grid_size: (H, W) of the grid seen in the probe pass.
         input_size: (H, W) of the probe input, to scale the grid with the input for token layouts.
+        output_index: element of the module's output that is the grid, when it outputs a tuple / list
+            (CrossViT's blocks output one token sequence per branch).
     """
     name: str
     num_chs: int
@@ -45,6 +47,7 @@ class GridSource:
     num_prefix_tokens: int
     grid_size: Tuple[int, int]
     input_size: Tuple[int, int]
+    output_index: int = 0
 
     @property
     def reduction(self) -> float:
@@ -126,20 +129,28 @@ def find_layout(
         return layout, 0, grid
     if len(shape) == 3:
         length = shape[1]
-        if num_prefix_tokens is None:
-            num_prefix_tokens = _square_prefix(length)
-        spatial = length - num_prefix_tokens
-        ratio = input_hw[1] / input_hw[0]
-        h = round(math.sqrt(spatial / ratio)) if spatial > 0 else 0
-        w = spatial // h if h else 0
-        if h < 1 or h * w != spatial:
-            raise ValueError(
-                f"Tokens of shape {tuple(shape)} ({num_prefix_tokens} prefix tokens) do not form a grid for an "
-                f"input of {tuple(input_hw)}. Name a module that outputs a spatial grid with layers=[...].")
-        return 'NLC', num_prefix_tokens, (h, w)
+        # the model's num_prefix_tokens first; then none (CaiT's blocks output patch tokens only, its class
+        # token joins later), then the fewest that leave a square grid
+        candidates = [num_prefix_tokens] if num_prefix_tokens is not None else []
+        for prefix in dict.fromkeys(candidates + [0, _square_prefix(length)]):
+            grid = _token_grid(length - prefix, input_hw)
+            if grid is not None:
+                return 'NLC', prefix, grid
+        raise ValueError(
+            f"Tokens of shape {tuple(shape)} do not form a grid for an input of {tuple(input_hw)}, with "
+            f"{num_prefix_tokens} (the model's), 0 or any square-leaving number of prefix tokens. "
+            f"Name a module that outputs a spatial grid with layers=[...].")
     raise ValueError(
         f"Output of shape {tuple(shape)} has no spatial grid (need NCHW, NHWC or NLC tokens). "
         f"Name a module that outputs a grid with layers=[...].")
+
+
+def _token_grid(spatial: int, input_hw: Tuple[int, int]) -> Optional[Tuple[int, int]]:
+    """(h, w) with h * w == spatial and the input's aspect ratio, or None."""
+    ratio = input_hw[1] / input_hw[0]
+    h = round(math.sqrt(spatial / ratio)) if spatial > 0 else 0
+    w = spatial // h if h else 0
+    return (h, w) if h >= 1 and h * w == spatial else None
 
 
 def _looks_spatial(hw: Tuple[int, int], input_hw: Tuple[int, int]) -> bool:
@@ -190,7 +201,7 @@ def feature_modules(model: nn.Module, multiscale: bool) -> List[Dict]:
         raise ValueError(
             f"{type(model).__name__} has no timm feature_info to find its spatial grid. "
             f"Name the module(s) that output the grid with layers=['module.path'].")
-    entries = [dict(e) for e in info]
+    entries = [dict(e, index=i) for i, e in enumerate(info)]
     if not multiscale:
         return entries[-1:]
     by_stride = {}

@@ -29,7 +29,8 @@ class DRLocOutput(NamedTuple):
 class GridCapture:
     """Forward hook that keeps a module's output while a DRLocModel forward is running."""
 
-    def __init__(self):
+    def __init__(self, output_index: Optional[int] = 0):
+        self.output_index = output_index  # element of a tuple / list output that is the grid; None: all
         self.active = False
         self.output: Optional[torch.Tensor] = None
 
@@ -42,7 +43,8 @@ class GridCapture:
 
     def __call__(self, module: nn.Module, args, output) -> None:
         if self.active:  # not in eval forwards, nor in activation-checkpointing recomputation
-            self.output = output[0] if isinstance(output, (tuple, list)) else output
+            is_seq = isinstance(output, (tuple, list)) and self.output_index is not None
+            self.output = output[self.output_index] if is_seq else output
 
 
 class DRLocModel(nn.Module):
@@ -65,7 +67,7 @@ class DRLocModel(nn.Module):
         self.sources = list(sources)
         self.route = route
         # one capture object per hooked module; deepcopy (EMA) copies them together with the model's hooks
-        self._captures = [GridCapture() for _ in self.sources] if route == 'hooks' else []
+        self._captures = [GridCapture(s.output_index) for s in self.sources] if route == 'hooks' else []
         self._hook_handles = [
             model.get_submodule(source.name).register_forward_hook(capture)
             for source, capture in zip(self.sources, self._captures)]
@@ -222,20 +224,31 @@ def probe_grids(
         entries = feature_modules(model, multiscale)
         names = [e['module'] for e in entries]
         hints = entries
-        route = 'hooks' if all(_has_module(model, n) for n in names) else 'intermediates'
+        route = 'hooks' if all(_is_called_module(model, n) for n in names) else 'intermediates'
+        if len(names) > 1 and hasattr(model, 'reroll'):
+            # Hiera keeps its tokens "unrolled" (not row-major) before the last stage; only
+            # forward_intermediates puts the earlier stages back in grid order
+            route = 'intermediates'
         if route == 'intermediates':
             if not hasattr(model, 'forward_intermediates'):
                 raise ValueError(
-                    f"{type(model).__name__}: feature_info names {names}, which are not modules, and there is no "
-                    f"forward_intermediates(). Name the grid module(s) with layers=[...].")
-            all_names = [e['module'] for e in model.feature_info]
-            names = [f'intermediates.{all_names.index(n)}' for n in names]
+                    f"{type(model).__name__}: feature_info names {names}, which are not modules that run, and "
+                    f"there is no forward_intermediates(). Name the grid module(s) with layers=[...].")
+            names = [f"intermediates.{e['index']}" for e in entries]  # by position: names can repeat (CoaT)
 
     outputs = _probe_outputs(model, input_size, names, route)
+    unmatched = [n for n, out, hint in zip(names, outputs, hints)
+                 if isinstance(out, (tuple, list)) and _matching_index(out, hint.get('num_chs')) is None]
+    if unmatched and layers is None and hasattr(model, 'forward_intermediates'):
+        # a multi-branch module (HRNet's last stage) none of whose outputs is the feature_info map:
+        # timm's forward_intermediates builds that map, so read it there
+        route, names = 'intermediates', [f"intermediates.{e['index']}" for e in hints]
+        outputs = _probe_outputs(model, input_size, names, route)
     prefix_hint = getattr(model, 'num_prefix_tokens', None)
     prefer = layout or getattr(model, 'output_fmt', None)
     sources = []
     for name, out, hint in zip(names, outputs, hints):
+        out, output_index = _pick_output(out, hint.get('num_chs'))
         if route == 'intermediates':
             found = ('NCHW', 0, tuple(out.shape[-2:]))
         elif layout is not None and layout != 'NLC' and out.ndim == 4:
@@ -245,14 +258,32 @@ def probe_grids(
         grid_layout, prefix, grid_size = found
         num_chs = out.shape[1] if grid_layout == 'NCHW' else out.shape[-1]
         check_grid_size(grid_size)
-        sources.append(GridSource(name, int(num_chs), grid_layout, prefix, tuple(grid_size), tuple(input_size[1:])))
+        sources.append(GridSource(
+            name, int(num_chs), grid_layout, prefix, tuple(grid_size), tuple(input_size[1:]), output_index))
     return sources, route
 
 
-def _has_module(model: nn.Module, name: str) -> bool:
+def _pick_output(output, num_chs: Optional[int]) -> Tuple[torch.Tensor, int]:
+    """The grid tensor of a module output and its index: the tuple / list element with `num_chs`
+    channels (feature_info's), else the first; a tensor output is itself (index 0)."""
+    if not isinstance(output, (tuple, list)):
+        return output, 0
+    index = _matching_index(output, num_chs) or 0
+    return output[index], index
+
+
+def _matching_index(output: Sequence, num_chs: Optional[int]) -> Optional[int]:
+    """Index of the first tuple / list element with `num_chs` channels (dim 1 or last), or None."""
+    for i, o in enumerate(output):
+        if num_chs is not None and torch.is_tensor(o) and o.ndim >= 3 and num_chs in (o.shape[1], o.shape[-1]):
+            return i
+    return None
+
+
+def _is_called_module(model: nn.Module, name: str) -> bool:
+    """True when `name` is a module the forward calls (a ModuleList / ModuleDict is only iterated)."""
     try:
-        model.get_submodule(name)
-        return True
+        return not isinstance(model.get_submodule(name), (nn.ModuleList, nn.ModuleDict))
     except AttributeError:
         return False
 
@@ -271,7 +302,7 @@ def _probe_outputs(model: nn.Module, input_size, names: Sequence[str], route: st
                 indices = [int(n.split('.')[-1]) for n in names]
                 _, feats = model.forward_intermediates(x, indices=indices, norm=False)
                 return list(feats)
-            captures = {n: GridCapture() for n in names}
+            captures = {n: GridCapture(output_index=None) for n in names}
             handles = [model.get_submodule(n).register_forward_hook(captures[n]) for n in names]
             for capture in captures.values():
                 capture.start()
