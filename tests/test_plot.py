@@ -54,11 +54,13 @@ def test_read_summary_parses_drloc_columns(tmp_path):
     assert exp.epochs == [0.0, 1.0, 2.0]
     assert exp.columns['eval_top1'] == [18.5, 35.0, 52.25]
     assert exp.columns['drloc_lambda'] == [0.0, 0.25, 0.5]
+    assert exp.uses_drloc
 
 
 def test_plain_timm_summary_has_no_drloc_column_and_still_plots(tmp_path):
     exp = read_summary(write_experiment(tmp_path, 'plain', TIMM_CSV))
     assert 'train_drloc_loss' not in exp.columns
+    assert not exp.uses_drloc
     out = plot_experiments([exp], str(tmp_path / 'plain.png'))
     assert png_size(out)[0] > 0
 

@@ -1,8 +1,9 @@
 """Training curves of timm experiment folders: `timm-drloc plot EXPERIMENT_DIR [...] -o curves.png`.
 
 Reads each folder's `summary.csv` (written by timm's train.py and by train_drloc.py) and draws four
-panels against epoch, one line per experiment: train loss, DRLoc loss, eval top-1 and the DRLoc
-lambda. A plain timm run has no DRLoc columns; its DRLoc panels say so instead of drawing nothing.
+panels against epoch, one line per experiment (solid with DRLoc, dashed without): train loss, DRLoc
+loss, eval top-1 and the DRLoc lambda. A plain timm run has no DRLoc columns; its DRLoc panels say
+so instead of drawing nothing.
 """
 import argparse
 import csv
@@ -29,6 +30,11 @@ class Experiment:
     name: str
     path: str
     columns: Dict[str, List[float]] = field(default_factory=dict)
+
+    @property
+    def uses_drloc(self) -> bool:
+        """True when some epoch trained with a DRLoc weight above 0 (drawn solid; plain runs dashed)."""
+        return any(v > 0 for v in self.columns.get('drloc_lambda', []) if v == v)
 
     @property
     def epochs(self) -> List[float]:
@@ -76,7 +82,8 @@ def plot_experiments(experiments: Sequence[Experiment], out_path: str, title: Op
             values = exp.columns.get(column)
             if values is None or all(math.isnan(v) for v in values):
                 continue
-            ax.plot(exp.epochs, values, marker='.' if len(values) < 30 else None, label=exp.name)
+            ax.plot(exp.epochs, values, marker='.' if len(values) < 30 else None, label=exp.name,
+                    linestyle='-' if exp.uses_drloc else '--')
             drawn += 1
         ax.set_title(panel_title)
         ax.set_xlabel('epoch')
