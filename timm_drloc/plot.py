@@ -78,12 +78,12 @@ def plot_experiments(experiments: Sequence[Experiment], out_path: str, title: Op
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
     for ax, (column, panel_title) in zip(axes.flat, PANELS):
         drawn = 0
-        for exp in experiments:
+        for index, exp in enumerate(experiments):
             values = exp.columns.get(column)
             if values is None or all(math.isnan(v) for v in values):
                 continue
             ax.plot(exp.epochs, values, marker='.' if len(values) < 30 else None, label=exp.name,
-                    linestyle='-' if exp.uses_drloc else '--')
+                    color=f'C{index % 10}', linestyle='-' if exp.uses_drloc else '--')
             drawn += 1
         ax.set_title(panel_title)
         ax.set_xlabel('epoch')
