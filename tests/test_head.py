@@ -88,14 +88,27 @@ def test_each_image_gets_its_own_positions():
 
 def test_head_reads_each_cell_from_its_own_image():
     # every cell of image b holds the value b in all channels: the gathered pairs must come from image b
-    head = DRLocHead(4, (3, 3), num_samples=16, hidden_dim=8)
+    head = DRLocHead(4, (3, 3), num_samples=6, hidden_dim=8)
     grid = torch.arange(5.).view(5, 1, 1, 1).expand(5, 3, 3, 4)
     seen = {}
-    head.mlp.register_forward_hook(lambda m, args, out: seen.update(pairs=args[0]))
+    head.mlp[0].register_forward_hook(lambda m, args, out: seen.update(pairs=args[0]))
     head(grid)
     pairs = seen['pairs']  # B, M, 2C
-    assert pairs.shape == (5, 16, 8)
-    assert torch.equal(pairs, torch.arange(5.).view(5, 1, 1).expand(5, 16, 8))
+    assert pairs.shape == (5, 6, 8)
+    assert torch.equal(pairs, torch.arange(5.).view(5, 1, 1).expand(5, 6, 8))
+
+
+@pytest.mark.parametrize('grid_size,num_samples', [((3, 3), 16), ((7, 7), 64), ((2, 5), 64)])
+def test_projecting_cells_first_equals_projecting_gathered_pairs(grid_size, num_samples):
+    # fewer cells than pairs: the head projects every cell with both halves of the first layer, then gathers
+    torch.manual_seed(0)
+    head = DRLocHead(12, grid_size, num_samples=num_samples, hidden_dim=16)
+    grid = torch.randn(3, 12, *grid_size).permute(0, 2, 3, 1)  # B, H, W, C view of an NCHW map
+    pos = sample_positions(3, *grid_size, num_samples, grid.device)
+    batch_idx = torch.arange(3).view(3, 1, 1)
+    cells = grid[batch_idx, pos[..., 0], pos[..., 1]]  # B, 2, M, C
+    expected = head.mlp[0](torch.cat((cells[:, 0], cells[:, 1]), dim=-1))
+    torch.testing.assert_close(head.first_layer(grid, pos), expected)
 
 
 def test_permuted_nchw_grid_gives_same_loss_as_contiguous_copy():

@@ -9,6 +9,7 @@ from typing import Tuple
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .losses import MODES, cbr_loss, ce_loss, l1_loss
 
@@ -45,11 +46,12 @@ def relative_targets(
     Returns:
         (..., 2) float32 targets (rows, cols).
     """
-    size = torch.tensor(grid_size, device=pos_a.device)
-    delta = pos_a - pos_b
-    target = delta.abs() if use_abs else delta + (size - 1)
-    target = target.float()
-    return target / size if normalize else target
+    axes = []
+    for axis, size in enumerate(grid_size):  # Python sizes: no host-to-device copy in the step
+        delta = (pos_a[..., axis] - pos_b[..., axis]).float()
+        target = delta.abs() if use_abs else delta + (size - 1)
+        axes.append(target / size if normalize else target)
+    return torch.stack(axes, dim=-1)
 
 
 def num_offsets(size: int, use_abs: bool) -> int:
@@ -118,13 +120,36 @@ class DRLocHead(nn.Module):
         batch, height, width, _ = grid.shape
         self._check_runtime_grid(height, width)
         pos = sample_positions(batch, height, width, self.num_samples, grid.device)  # B, 2, M, 2
-        batch_idx = torch.arange(batch, device=grid.device).view(batch, 1, 1)
-        cells = grid[batch_idx, pos[..., 0], pos[..., 1]]  # B, 2, M, C
-        pairs = torch.cat((cells[:, 0], cells[:, 1]), dim=-1)  # B, M, 2C
         target = relative_targets(pos[:, 0], pos[:, 1], (height, width), self.use_abs, self.normalize)
-        out = self.mlp(pairs)  # B, M, 2 | B, M, hidden
+        out = self.mlp[1:](self.first_layer(grid, pos))  # B, M, 2 | B, M, hidden
         with torch.autocast(device_type=grid.device.type, enabled=False):
             return self.loss(out, target, (height, width))
+
+    def first_layer(self, grid: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """First MLP layer on the concatenated pairs, W [e_a; e_b] + b = W_a e_a + W_b e_b + b.
+
+        With more sampled pairs than grid cells (m = 64 on a 7 x 7 grid), projecting every cell once with
+        both halves of W and gathering the projections is the same sum at fewer multiply-adds than
+        projecting the 2m gathered cells.
+
+        Args:
+            grid: (B, H, W, C) features.
+            pos: (B, 2, M, 2) sampled (row, col) of the first and second cell of each pair.
+
+        Returns:
+            (B, M, hidden) pre-activations.
+        """
+        batch, height, width, channels = grid.shape
+        linear = self.mlp[0]
+        batch_idx = torch.arange(batch, device=grid.device).view(batch, 1, 1)
+        if height * width < self.num_samples:
+            both = torch.cat((linear.weight[:, :channels], linear.weight[:, channels:]))  # 2 hidden, C
+            proj = F.linear(grid, both).unflatten(-1, (2, -1))  # B, H, W, 2, hidden
+            first = proj[batch_idx[..., 0], pos[:, 0, :, 0], pos[:, 0, :, 1], 0]  # B, M, hidden
+            second = proj[batch_idx[..., 0], pos[:, 1, :, 0], pos[:, 1, :, 1], 1]
+            return first + second + linear.bias
+        cells = grid[batch_idx, pos[..., 0], pos[..., 1]]  # B, 2, M, C
+        return linear(torch.cat((cells[:, 0], cells[:, 1]), dim=-1))  # B, M, hidden
 
     def loss(self, out: torch.Tensor, target: torch.Tensor, grid_size: Tuple[int, int]) -> torch.Tensor:
         """Loss of the MLP output `out` (B, M, 2 | B, M, hidden) against targets (B, M, 2), in float32."""
