@@ -194,8 +194,9 @@ UPSTREAM_CHOICES = {
     'kd_distill_type': ('logit', 'feature', 'token'),
     'kd_token_distill_type': ('soft', 'hard'),
 }
-# timm 1.0.31 additions (release tests: stop / milestone / in-place resume)
-RELEASE_FLAGS = {'--stop-epoch': ('stop_epoch', None), '--save-epochs': ('save_epochs', None)}
+# timm 1.0.31 additions (release tests: stop / milestone / in-place resume, pretrained config overlay)
+RELEASE_FLAGS = {'--stop-epoch': ('stop_epoch', None), '--save-epochs': ('save_epochs', None),
+                 '--pretrained-cfg-overlay': ('pretrained_cfg_overlay', {})}
 DRLOC_FLAGS = {
     '--drloc-lambda': 0.0, '--drloc-mode': 'l1', '--drloc-samples': 64, '--drloc-signed': False,
     '--drloc-normalize': False, '--drloc-multiscale': False, '--drloc-hidden-dim': 512, '--drloc-layers': None,
@@ -341,8 +342,8 @@ BAD_INPUT = {
                                                              'blocks.99'), "no module named 'blocks.99'"),
     'image too small for a grid': (lambda d, t: _vit_args(d, '--drloc-lambda', '0.5', model_kwargs=(
         'img_size=8', 'patch_size=8', 'depth=1', 'embed_dim=32', 'num_heads=2')), 'feature grid is 1x1'),
-    'fixed-size model at another size': (lambda d, t: _vit_args(d, '--drloc-lambda', '0.5', model_kwargs=(
-        'patch_size=8', 'depth=1', 'embed_dim=32', 'num_heads=2')), '--model-kwargs img_size=32'),
+    'img size disagrees with model kwargs': (lambda d, t: _vit_args(d, '--img-size', '48'),
+                                             'Conflicting input image sizes'),
     'unknown model': (lambda d, t: ['--data-dir', str(d), '--model', 'not_a_model', '--device', 'cpu'],
                       '--model not_a_model'),
     'resume missing file': (lambda d, t: _vit_args(d, '--resume', str(t / 'gone.pth.tar')),
@@ -363,6 +364,48 @@ BAD_INPUT = {
     'cuda asked on a CPU machine': (lambda d, t: _vit_args(d, '--device', 'cuda'),
                                     'pass --device cpu'),
 }
+
+
+class _Created(Exception):
+    """Raised by a stand-in create_model, carrying the keyword arguments it was called with."""
+
+
+def _create_model_kwargs(monkeypatch, *argv) -> dict:
+    """The keyword arguments main() gives create_model for these flags (nothing after it runs)."""
+    def create_model(*args, **kwargs):
+        raise _Created(kwargs)
+    monkeypatch.setattr(train, 'create_model', create_model)
+    monkeypatch.setattr('sys.argv', ['train_drloc.py', '--device', 'cpu', *argv])
+    with pytest.raises(_Created) as exc:
+        train.main()
+    return exc.value.args[0]
+
+
+def test_pretrained_cfg_overlay_reaches_create_model_over_pretrained_path(monkeypatch):
+    # no data dir: as in timm 1.0.31 the model is created before the data dir is checked
+    kwargs = _create_model_kwargs(monkeypatch, '--model', 'resnet18', '--pretrained', '--pretrained-path', 'w.pth',
+                                  '--pretrained-cfg-overlay', 'num_classes=10', 'custom_load=True')
+    cfg = kwargs['pretrained_cfg']
+    assert (cfg['file'], cfg['num_classes'], cfg['custom_load']) == ('w.pth', 10, True)
+    assert cfg['architecture'] == 'resnet18' and kwargs['pretrained'] is True
+
+
+def test_pretrained_path_alone_adapts_the_classifier(monkeypatch):
+    cfg = _create_model_kwargs(monkeypatch, '--model', 'resnet18', '--pretrained-path', 'w.pth')['pretrained_cfg']
+    assert (cfg['file'], cfg['num_classes']) == ('w.pth', -1)
+
+
+def test_img_size_builds_a_fixed_size_model_at_that_size(monkeypatch):
+    kwargs = _create_model_kwargs(monkeypatch, '--model', 'vit_tiny_patch16_224', '--img-size', '64',
+                                  '--in-chans', '1')
+    assert kwargs['img_size'] == (64, 64) and kwargs['in_chans'] == 1
+
+
+def test_missing_data_dir_is_reported_after_the_model_is_built(monkeypatch, tmp_path):
+    monkeypatch.setattr(train, 'train_one_epoch', _no_training)
+    monkeypatch.setattr('sys.argv', ['train_drloc.py', *_vit_args(tmp_path / 'nowhere')[2:]])
+    with pytest.raises(ValueError, match='no dataset given: pass the dataset root folder'):
+        train.main()
 
 
 def _mkdir(path: Path) -> Path:

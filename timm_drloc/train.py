@@ -37,7 +37,7 @@ from timm import utils
 from timm.data import AugMixDataset, FastCollateMixup, Mixup, create_dataset, create_loader, resolve_data_config
 from timm.layers import convert_splitbn_model, convert_sync_batchnorm, set_fast_norm
 from timm.loss import BinaryCrossEntropy, JsdCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from timm.models import create_model, safe_model_name
+from timm.models import create_model, resolve_model_input_args, safe_model_name
 from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.task import (
@@ -111,6 +111,9 @@ group.add_argument('--model', default='resnet50', type=str, metavar='MODEL', hel
 group.add_argument('--pretrained', action='store_true', default=False, help='start from pretrained weights')
 group.add_argument('--pretrained-path', default=None, type=str,
                    help='checkpoint loaded as the pretrained weights (the classifier is adapted)')
+group.add_argument('--pretrained-cfg-overlay', nargs='*', default={}, action=utils.ParseKwargs,
+                   help='pretrained config entries to replace, key=value (e.g. custom_load=True); applied over '
+                        'the file=--pretrained-path entry')
 group.add_argument('--initial-checkpoint', default='', type=str, metavar='PATH',
                    help='weights loaded into the model after it is built')
 group.add_argument('--resume', default='', type=str, metavar='PATH',
@@ -665,16 +668,19 @@ def write_summary(
 # ---------------------------------------------------------------------------------------------------------
 
 def _build_model(args: argparse.Namespace) -> nn.Module:
-    """The timm model from the model flags, through the module-level `create_model` (tests replace it)."""
-    in_chans = args.in_chans if args.in_chans is not None else (args.input_size[0] if args.input_size else 3)
-    factory_kwargs = {}
-    if args.pretrained_path:
-        factory_kwargs['pretrained_cfg_overlay'] = dict(file=args.pretrained_path, num_classes=-1)
+    """The timm model from the model flags, through the module-level `create_model` (tests replace it).
+
+    As in timm 1.0.31, the input flags (--in-chans, --input-size, --img-size) and the pretrained config
+    (file=--pretrained-path with num_classes=-1 to adapt the classifier, then --pretrained-cfg-overlay) are
+    resolved by timm's `resolve_model_input_args` into the `pretrained_cfg` and kwargs given to create_model.
+    """
+    overlay = dict(file=args.pretrained_path, num_classes=-1) if args.pretrained_path else {}
+    overlay.update(args.pretrained_cfg_overlay)
     try:
-        model = create_model(
+        model_args = resolve_model_input_args(
             args.model,
-            pretrained=args.pretrained,
-            in_chans=in_chans,
+            vars(args),
+            pretrained_cfg_overlay=overlay or None,
             num_classes=args.num_classes,
             drop_rate=args.drop,
             drop_path_rate=args.drop_path,
@@ -682,15 +688,22 @@ def _build_model(args: argparse.Namespace) -> nn.Module:
             global_pool=args.gp,
             bn_momentum=args.bn_momentum,
             bn_eps=args.bn_eps,
-            scriptable=args.torchscript,
-            checkpoint_path=args.initial_checkpoint,
-            **factory_kwargs,
             **args.model_kwargs,
         )
     except RuntimeError as e:
         if 'Unknown model' in str(e):
             raise ConfigError(f'--model {args.model}: {e}; list names with timm.list_models("*pattern*")') from e
         raise
+    except ValueError as e:  # input sizes that disagree, or a model name that is neither a timm name nor a source
+        hint = ('make --in-chans / --input-size / --img-size agree with --model-kwargs' if 'Conflicting input'
+                in str(e) else 'pass a timm model name, hf-hub:REPO_ID or local-dir:PATH')
+        raise ConfigError(f'--model {args.model}: {e}; {hint}') from e
+    model = create_model(
+        **model_args,
+        pretrained=args.pretrained,
+        scriptable=args.torchscript,
+        checkpoint_path=args.initial_checkpoint,
+    )
     if args.head_init_scale is not None:
         with torch.no_grad():
             model.get_classifier().weight.mul_(args.head_init_scale)
@@ -1194,11 +1207,11 @@ def _set_loader_epoch(loader, epoch: int) -> None:
 # ---------------------------------------------------------------------------------------------------------
 
 def _check_before_start(args: argparse.Namespace) -> None:
-    """Everything that can be checked without a model or data: flags, data dir, Hub token, device."""
+    """Everything that can be checked without a model: flags, Hub token, device (the data dir is checked once
+    the model is built, as timm's train.py creates the model first)."""
     _check_run_flags(args)
     if args.stop_epoch is not None and args.stop_epoch < 1:
         raise ConfigError(f'--stop-epoch {args.stop_epoch} is out of range: it counts completed epochs, use >= 1')
-    _check_data_dir(args)
     try:
         check_push_args(args)  # no token: refuse now, not after hours of training
     except ValueError as e:
@@ -1240,6 +1253,7 @@ def main() -> int:
         set_fast_norm()
 
     model = _build_model(args)
+    _check_data_dir(args)  # before anything reads data
     if utils.is_primary(args):
         _logger.info(f'Model {safe_model_name(args.model)} created, param count: '
                      f'{sum(p.numel() for p in model.parameters())}')
