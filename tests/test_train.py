@@ -302,3 +302,27 @@ def test_progress_is_log_lines_without_a_terminal(monkeypatch, caplog):
         progress.update(step, step == 2, {'loss': 1.0}, lambda step=step: f'line {step}')
     progress.close()
     assert [r.getMessage() for r in caplog.records] == ['line 0', 'line 2']
+
+
+def _two_labels_per_image(monkeypatch):
+    """Turn the ImageFolder class index i into the label set {i, i+1 mod 3} before the multi-label encoding."""
+    real_create_dataset = train.create_dataset
+
+    def create_dataset(*args, target_transform=None, **kwargs):
+        dataset = real_create_dataset(*args, **kwargs)
+        dataset.target_transform = lambda index: target_transform([index, (index + 1) % 3])
+        return dataset
+    monkeypatch.setattr(train, 'create_dataset', create_dataset)
+
+
+@pytest.mark.parametrize('drloc', [False, True], ids=['plain', 'drloc'])
+def test_multilabel_run_reports_map_and_f1_instead_of_top1(monkeypatch, tmp_path, image_folder, drloc):
+    _two_labels_per_image(monkeypatch)
+    extra = ['--drloc-lambda', '0.5'] if drloc else []
+    _run(monkeypatch, _argv(image_folder, tmp_path, 'ml', '--task', 'multilabel', '--epochs', '1', *extra))
+    row = _summary(tmp_path / 'ml')[0]
+    for name in ('map', 'micro_f1', 'macro_f1', 'sample_f1'):
+        assert 0.0 <= float(row[f'eval_{name}']) <= 100.0
+    assert 'eval_top1' not in row
+    assert ('train_drloc_loss' in row) == drloc
+    assert (tmp_path / 'ml' / 'model_best.pth.tar').is_file()

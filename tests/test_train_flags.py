@@ -155,7 +155,7 @@ UPSTREAM_FLAGS = [
     (('--no-prefetcher',), 'no_prefetcher', False, 0, None),
     (('--output',), 'output', '', None, 'str'),
     (('--experiment',), 'experiment', '', None, 'str'),
-    (('--eval-metric',), 'eval_metric', 'top1', None, 'str'),
+    (('--eval-metric',), 'eval_metric', None, None, 'str'),  # 1.0.31: None = the evaluator's default (top1, map)
     (('--tta',), 'tta', 0, None, 'int'),
     (('--use-multi-epochs-loader',), 'use_multi_epochs_loader', False, 0, None),
     (('--log-wandb',), 'log_wandb', False, 0, None),
@@ -196,7 +196,15 @@ UPSTREAM_CHOICES = {
 }
 # timm 1.0.31 additions (release tests: stop / milestone / in-place resume, pretrained config overlay)
 RELEASE_FLAGS = {'--stop-epoch': ('stop_epoch', None), '--save-epochs': ('save_epochs', None),
-                 '--pretrained-cfg-overlay': ('pretrained_cfg_overlay', {})}
+                 '--pretrained-cfg-overlay': ('pretrained_cfg_overlay', {}),
+                 # multi-label task and the loss factory's flags (names as timm 1.0.31's tests use them)
+                 '--task': ('task', 'classification'), '--target-format': ('target_format', None),
+                 '--loss': ('loss', None), '--loss-pos-weight': ('loss_pos_weight', None),
+                 '--loss-class-weight': ('loss_class_weight', None), '--loss-weight-power': ('loss_weight_power', 1.0),
+                 '--class-stats': ('class_stats', None), '--poly-epsilon': ('poly_epsilon', 2.0),
+                 '--poly-gamma': ('poly_gamma', 0.0)}
+RELEASE_CHOICES = {'--task': ('classification', 'multilabel'), '--target-format': ('indices', 'multihot'),
+                   '--loss': ('ce', 'bce', 'asl', 'poly', 'jsd', 'twoway', 'zlpr', 'db')}
 DRLOC_FLAGS = {
     '--drloc-lambda': 0.0, '--drloc-mode': 'l1', '--drloc-samples': 64, '--drloc-signed': False,
     '--drloc-normalize': False, '--drloc-multiscale': False, '--drloc-hidden-dim': 512, '--drloc-layers': None,
@@ -224,7 +232,9 @@ def test_every_timm_train_flag_is_accepted_with_the_same_default(options, dest, 
 def test_release_and_drloc_flags_have_their_defaults():
     by_option = {o: a for a in train.parser._actions for o in a.option_strings}
     for option, (dest, default) in RELEASE_FLAGS.items():
-        assert by_option[option].dest == dest and by_option[option].default == default
+        assert by_option[option].dest == dest and by_option[option].default == default, option
+    for option, choices in RELEASE_CHOICES.items():
+        assert tuple(by_option[option].choices) == choices, option
     for option, default in DRLOC_FLAGS.items():
         assert by_option[option].default == default, option
     assert tuple(by_option['--drloc-mode'].choices) == ('l1', 'ce', 'cbr')
@@ -307,6 +317,40 @@ def test_bad_drloc_flags_exit_at_parse_time(monkeypatch, capsys, argv, message):
     assert message.lower() in capsys.readouterr().err.lower()
 
 
+def test_old_loss_switches_become_loss_and_pos_weight(monkeypatch):
+    args = _parse(monkeypatch, '--data-dir', '/data', '--task', 'multilabel', '--bce-loss', '--bce-pos-weight', '2')
+    assert (args.loss, args.loss_pos_weight) == ('bce', '2.0')
+    assert _parse(monkeypatch, '--data-dir', '/data', '--jsd-loss', '--aug-splits', '3').loss == 'jsd'
+
+
+def test_criterion_follows_task_and_loss_flags(monkeypatch):
+    from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+    single = train._train_loss(_parse(monkeypatch, '--data-dir', '/data'))
+    assert isinstance(single, LabelSmoothingCrossEntropy) and single.smoothing == 0.1
+    assert isinstance(train._train_loss(_parse(monkeypatch, '--data-dir', '/data', '--mixup', '0.2')),
+                      SoftTargetCrossEntropy)
+    multi = train._train_loss(_parse(monkeypatch, '--data-dir', '/data', '--task', 'multilabel',
+                                     '--loss-pos-weight', '1,2,3'), num_classes=3)
+    assert isinstance(multi, BinaryCrossEntropy)
+    assert multi.pos_weight.tolist() == [1.0, 2.0, 3.0]
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['--target-format', 'multihot'], 'add --task multilabel'),
+    (['--task', 'multilabel', '--bce-loss', '--loss', 'asl'], '--bce-loss means --loss bce, but --loss asl'),
+    (['--loss', 'zlpr'], 'requires multi-label targets'),
+    (['--jsd-loss'], 'jsd_splits > 1'),
+    (['--task', 'multilabel', '--loss', 'twoway', '--mixup', '0.5'], 'does not support Mixup'),
+    (['--task', 'multilabel', '--loss-pos-weight', 'neg_pos'], 'requires class stats'),
+    (['--task', 'multilabel', '--kd-model-name', 'resnet18'], 'cannot be combined with --task multilabel'),
+])
+def test_bad_task_and_loss_flags_exit_at_parse_time(monkeypatch, capsys, argv, message):
+    with pytest.raises(SystemExit) as exc:
+        _parse(monkeypatch, '--data-dir', '/data', *argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
 def test_drloc_flags_without_lambda_warn_they_do_nothing(monkeypatch, caplog):
     args = _parse(monkeypatch, '--data-dir', '/data', '--drloc-multiscale', '--drloc-decay')
     assert args.drloc_lambda == 0.0
@@ -361,6 +405,11 @@ BAD_INPUT = {
     'num classes disagree with data': (lambda d, t: _vit_args(d, '--num-classes', '2'),
                                        'the data has 3 classes but the model has 2 outputs'),
     'stop epoch out of range': (lambda d, t: _vit_args(d, '--stop-epoch', '5'), '--stop-epoch 5 is out of range'),
+    'multilabel ranked by top1': (lambda d, t: _vit_args(d, '--task', 'multilabel', '--eval-metric', 'top1'),
+                                  '--eval-metric top1 is not reported by multilabel evaluation; use one of loss, map'),
+    'per-class weights for other classes': (lambda d, t: _vit_args(d, '--task', 'multilabel', '--num-classes', '3',
+                                                                   '--loss-class-weight', '1,2'),
+                                            '--loss-class-weight 1,2 has 2 entries but the model has 3 classes'),
     'cuda asked on a CPU machine': (lambda d, t: _vit_args(d, '--device', 'cuda'),
                                     'pass --device cpu'),
 }
@@ -467,3 +516,11 @@ def test_command_line_error_is_one_line_and_exit_code_2(tmp_path):
     assert proc.returncode == 2
     assert f"data dir '{tmp_path / 'nowhere'}' does not exist" in proc.stderr
     assert 'Traceback' not in proc.stderr
+
+
+@pytest.mark.usefixtures('restore_parser_defaults')
+def test_loss_entries_of_args_yaml_parse_again(monkeypatch, tmp_path):
+    first = _parse(monkeypatch, '--data-dir', str(tmp_path), '--bce-loss', '--bce-pos-weight', '2')
+    loss_keys = ('bce_loss', 'bce_pos_weight', 'loss', 'loss_pos_weight')
+    again = _parse_config(monkeypatch, tmp_path, {k: getattr(first, k) for k in loss_keys})
+    assert (again.loss, again.loss_pos_weight, again.bce_pos_weight) == ('bce', '2.0', 2.0)

@@ -36,15 +36,17 @@ import yaml
 from timm import utils
 from timm.data import AugMixDataset, FastCollateMixup, Mixup, create_dataset, create_loader, resolve_data_config
 from timm.layers import convert_splitbn_model, convert_sync_batchnorm, set_fast_norm
-from timm.loss import BinaryCrossEntropy, JsdCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.data import MultiLabelTarget
+from timm.data.readers.targets import TARGET_FORMATS
+from timm.loss import LOSS_TYPES, create_classification_loss, load_class_stats, resolve_class_weights
 from timm.models import create_model, resolve_model_input_args, safe_model_name
 from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.task import (
-    ClassificationTask, FeatureDistillationTask, LogitDistillationTask, TokenDistillationTask,
-    load_task_ema_checkpoint, resume_task_checkpoint,
+    ClassificationTask, FeatureDistillationTask, LogitDistillationTask, MultiLabelClassificationTask,
+    TokenDistillationTask, load_task_ema_checkpoint, resume_task_checkpoint,
 )
-from timm.task.evaluator import evaluation_sample_limit
+from timm.task.evaluator import ClassificationEvaluator, MultiLabelClassificationEvaluator, evaluation_sample_limit
 from timm.utils import NativeScaler, load_checkpoint_metadata
 
 from timm_drloc.hub import add_push_args, check_push_args, push_after_training
@@ -102,7 +104,14 @@ group.add_argument('--dataset-download', action='store_true', default=False,
 group.add_argument('--class-map', default='', type=str, metavar='FILENAME', help='class name -> index file')
 group.add_argument('--input-img-mode', default=None, type=str, help='PIL mode images are converted to')
 group.add_argument('--input-key', default=None, type=str, help='record key of the image')
-group.add_argument('--target-key', default=None, type=str, help='record key of the label')
+group.add_argument('--target-key', default=None, type=str,
+                   help='record key of the label (comma separated keys: one binary field per label)')
+group.add_argument('--target-format', default=None, type=str, choices=TARGET_FORMATS,
+                   help="how a multi-label record stores its labels: 'indices' (positive class indices, the "
+                        "default) or 'multihot' (one 0/1 value per class); needs --task multilabel for multihot")
+group.add_argument('--task', default='classification', type=str, choices=('classification', 'multilabel'),
+                   help='single-label classification, or independent binary labels (multi-hot targets, sigmoid '
+                        'losses, mAP / F1 evaluation)')
 group.add_argument('--dataset-trust-remote-code', action='store_true', default=False,
                    help='allow Hugging Face datasets to run the code shipped in their repository')
 
@@ -230,7 +239,22 @@ group.add_argument('--jsd-loss', action='store_true', default=False, help='Jense
 group.add_argument('--bce-loss', action='store_true', default=False, help='binary cross-entropy loss')
 group.add_argument('--bce-sum', action='store_true', default=False, help='sum BCE over classes')
 group.add_argument('--bce-target-thresh', type=float, default=None, help='binarize soft BCE targets at this')
-group.add_argument('--bce-pos-weight', type=float, default=None, help='BCE positive weight')
+group.add_argument('--bce-pos-weight', type=float, default=None, help='BCE positive weight (same as --loss-pos-weight)')
+group.add_argument('--loss', default=None, type=str, choices=LOSS_TYPES,
+                   help='training loss (default: ce, or bce with --task multilabel); --bce-loss / --jsd-loss are '
+                        'the older spellings of --loss bce / jsd')
+group.add_argument('--loss-pos-weight', default=None, type=str,
+                   help='positive term weight (bce, multi-label asl): a value, a comma list, a file, or a method '
+                        'computed from --class-stats (e.g. neg_pos)')
+group.add_argument('--loss-class-weight', default=None, type=str,
+                   help='per-class loss weight (bce, multi-label asl): a value, a comma list, a file, or a method '
+                        'computed from --class-stats (e.g. inv_freq, effective_num)')
+group.add_argument('--loss-weight-power', default=1.0, type=float,
+                   help='power applied to the weights computed from --class-stats')
+group.add_argument('--class-stats', default=None, type=str,
+                   help="class statistics JSON (pos_counts, num_samples) for computed weights and --loss db")
+group.add_argument('--poly-epsilon', default=2.0, type=float, help='Poly-1 coefficient (--loss poly)')
+group.add_argument('--poly-gamma', default=0.0, type=float, help='focusing parameter of multi-label --loss poly')
 group.add_argument('--reprob', type=float, default=0., metavar='PCT', help='random erasing probability')
 group.add_argument('--remode', type=str, default='pixel', help='random erasing mode')
 group.add_argument('--recount', type=int, default=1, help='random erasing count')
@@ -278,7 +302,8 @@ group.add_argument('--pin-mem', action='store_true', default=False, help='pinned
 group.add_argument('--no-prefetcher', action='store_true', default=False, help="no timm prefetch loader")
 group.add_argument('--output', default='', type=str, metavar='PATH', help='output root (default ./output/train)')
 group.add_argument('--experiment', default='', type=str, metavar='NAME', help='output sub-folder name')
-group.add_argument('--eval-metric', default='top1', type=str, metavar='EVAL_METRIC', help='metric ranking checkpoints')
+group.add_argument('--eval-metric', default=None, type=str, metavar='EVAL_METRIC',
+                   help='metric ranking checkpoints (default: top1, or map with --task multilabel)')
 group.add_argument('--tta', type=int, default=0, metavar='N', help='test-time augmentation factor')
 group.add_argument('--use-multi-epochs-loader', action='store_true', default=False,
                    help='keep loader workers alive across epochs')
@@ -479,6 +504,30 @@ def _check_drloc_flags(args: argparse.Namespace) -> None:
                      f'with --train-img-sizes use --drloc-mode l1')
 
 
+def _check_loss_flags(args: argparse.Namespace) -> None:
+    """Fold --bce-loss / --jsd-loss / --bce-pos-weight into --loss / --loss-pos-weight (as timm 1.0.31 does), and
+    reject task and loss flags that cannot work together, by building the loss once."""
+    multi_label = args.task == 'multilabel'
+    if args.target_format == 'multihot' and not multi_label:
+        parser.error('--target-format multihot holds one 0/1 value per class, which is a multi-label target: add '
+                     '--task multilabel')
+    if multi_label and args.kd_model_name:
+        parser.error('--kd-model-name distills single-label logits; it cannot be combined with --task multilabel')
+    for switch, loss in (('--bce-loss', 'bce'), ('--jsd-loss', 'jsd')):
+        if getattr(args, switch[2:].replace('-', '_')):
+            if args.loss not in (None, loss):
+                parser.error(f'{switch} means --loss {loss}, but --loss {args.loss} is given too; keep one of them')
+            args.loss = loss
+    if args.bce_pos_weight is not None:
+        if args.loss_pos_weight not in (None, str(args.bce_pos_weight)):  # equal when re-read from args.yaml
+            parser.error('--bce-pos-weight and --loss-pos-weight set the same weight; keep --loss-pos-weight')
+        args.loss_pos_weight = str(args.bce_pos_weight)
+    try:
+        _train_loss(args)
+    except (ValueError, OSError) as e:
+        parser.error(f'loss flags: {e}')
+
+
 def _check_run_flags(args: argparse.Namespace) -> None:
     """Reject flag combinations timm would reject later, or silently ignore, before anything is built."""
     if args.naflex_loader and args.train_img_sizes is not None:
@@ -511,6 +560,7 @@ def _parse_args() -> Tuple[argparse.Namespace, str]:
         parser.set_defaults(**_load_config(args_config.config))
     args = parser.parse_args(remaining)
     _check_drloc_flags(args)
+    _check_loss_flags(args)
     args_text = yaml.safe_dump(args.__dict__, default_flow_style=False)
     return args, args_text
 
@@ -772,21 +822,44 @@ def _amp(args: argparse.Namespace, device: torch.device,
     return partial(torch.autocast, device_type=device.type, dtype=amp_dtype), loss_scaler
 
 
-def _build_train_loss(args: argparse.Namespace, num_aug_splits: int, mixup_active: bool) -> nn.Module:
-    """The classification criterion timm's train.py picks for these flags."""
-    bce_kwargs = dict(target_threshold=args.bce_target_thresh, sum_classes=args.bce_sum,
-                      pos_weight=args.bce_pos_weight)
-    if args.jsd_loss:
-        if num_aug_splits <= 1:
-            raise ConfigError('--jsd-loss needs --aug-splits 2 or more')
-        return JsdCrossEntropy(num_splits=num_aug_splits, smoothing=args.smoothing)
-    if mixup_active:  # the mixup target already carries the label smoothing
-        return BinaryCrossEntropy(**bce_kwargs) if args.bce_loss else SoftTargetCrossEntropy()
-    if args.smoothing:
-        if args.bce_loss:
-            return BinaryCrossEntropy(smoothing=args.smoothing, **bce_kwargs)
-        return LabelSmoothingCrossEntropy(smoothing=args.smoothing)
-    return nn.CrossEntropyLoss()
+def _mixup_active(args: argparse.Namespace) -> bool:
+    """Whether mixup / cutmix turn the targets into soft targets."""
+    return args.mixup > 0 or args.cutmix > 0. or args.cutmix_minmax is not None
+
+
+def _train_loss(args: argparse.Namespace, num_classes: Optional[int] = None, verbose: bool = False) -> nn.Module:
+    """The training criterion of the loss flags, from timm's create_classification_loss.
+
+    Weights given as method names are computed from --class-stats; with `num_classes`, per-class weights
+    must have one entry per class. Raises ValueError (or OSError for an unreadable file) naming the flag.
+    """
+    multi_label = args.task == 'multilabel'
+    loss_type = args.loss or ('bce' if multi_label else 'ce')
+    mixup_active = _mixup_active(args)
+    smoothing = args.smoothing
+    if loss_type in ('twoway', 'zlpr') and smoothing and not mixup_active:
+        if verbose:
+            _logger.warning(f'--smoothing {smoothing} does not apply to --loss {loss_type}, which needs binary '
+                            f'targets; training without label smoothing')
+        smoothing = 0.
+    stats = load_class_stats(args.class_stats)
+    weights = {}
+    for kind, flag, value in (('pos_weight', '--loss-pos-weight', args.loss_pos_weight),
+                              ('class_weight', '--loss-class-weight', args.loss_class_weight)):
+        try:
+            weights[kind] = resolve_class_weights(value, kind, stats, power=args.loss_weight_power)
+        except ValueError as e:
+            raise ValueError(f'{flag} {value}: {e}') from e
+        if num_classes is not None and isinstance(weights[kind], torch.Tensor) and \
+                weights[kind].numel() != num_classes:
+            raise ValueError(f'{flag} {value} has {weights[kind].numel()} entries but the model has {num_classes} '
+                             f'classes; give one weight per class, or a single value')
+    db = dict(class_counts=stats[0], num_samples=stats[1]) if loss_type == 'db' and stats is not None else {}
+    return create_classification_loss(
+        loss_type, multi_label=multi_label, smoothing=smoothing, soft_targets=mixup_active,
+        class_weight=weights['class_weight'], pos_weight=weights['pos_weight'],
+        bce_target_thresh=args.bce_target_thresh, bce_sum=args.bce_sum, poly_epsilon=args.poly_epsilon,
+        poly_gamma=args.poly_gamma, jsd_splits=max(args.aug_splits, 0), **db)
 
 
 def _drloc_cli_hint(message: str, input_size: Sequence[int]) -> str:
@@ -811,7 +884,8 @@ def _build_task(
         device: torch.device,
         model_dtype: Optional[torch.dtype],
 ) -> nn.Module:
-    """DRLocTask when --drloc-lambda > 0, a timm distillation task with --kd-model-name, else ClassificationTask."""
+    """DRLocTask when --drloc-lambda > 0, a timm distillation task with --kd-model-name, else timm's
+    ClassificationTask (MultiLabelClassificationTask with --task multilabel)."""
     verbose = utils.is_primary(args)
     if args.drloc_lambda > 0:
         from timm_drloc.task import DRLocTask
@@ -845,7 +919,8 @@ def _build_task(
                                            teacher_feature_dim=args.kd_teacher_feature_dim, **common)
         return TokenDistillationTask(distill_type=args.kd_token_distill_type, temperature=args.kd_temperature,
                                      **common)
-    return ClassificationTask(model=model, criterion=criterion, device=device, dtype=model_dtype, verbose=verbose)
+    task_cls = MultiLabelClassificationTask if args.task == 'multilabel' else ClassificationTask
+    return task_cls(model=model, criterion=criterion, device=device, dtype=model_dtype, verbose=verbose)
 
 
 def _check_data_dir(args: argparse.Namespace) -> None:
@@ -865,7 +940,10 @@ def _build_datasets(args: argparse.Namespace, input_img_mode: str):
     """The train and eval datasets (eval is None without --val-split)."""
     common = dict(root=args.data_dir, class_map=args.class_map, download=args.dataset_download,
                   batch_size=args.batch_size, input_img_mode=input_img_mode, input_key=args.input_key,
-                  target_key=args.target_key, trust_remote_code=args.dataset_trust_remote_code)
+                  target_key=args.target_key, target_format=args.target_format,
+                  trust_remote_code=args.dataset_trust_remote_code)
+    if args.task == 'multilabel':  # positive class indices (or a multi-hot row) -> float (num_classes,)
+        common['target_transform'] = MultiLabelTarget(args.num_classes, dense=args.target_format == 'multihot')
     try:
         dataset_train = create_dataset(
             args.dataset, split=args.train_split, is_training=True, seed=args.seed, repeats=args.epoch_repeats,
@@ -1155,13 +1233,16 @@ def validate(
         log_suffix: str = '',
         task: Optional[nn.Module] = None,
 ) -> 'OrderedDict[str, float]':
-    """Loss, top-1 and top-5 (percent) of `model` over the eval split, exact over ranks (padding dropped)."""
-    if task is not None:
-        evaluator = task.create_evaluator(max_samples=evaluation_sample_limit(loader))
+    """The evaluator's metrics of `model` over the eval split (loss, top-1, top-5; or loss, mAP and F1 scores
+    with --task multilabel, for every task including DRLoc), percent, exact over ranks (padding dropped)."""
+    limit = evaluation_sample_limit(loader)
+    if getattr(args, 'task', 'classification') == 'multilabel':  # its own unsmoothed BCE on the binary targets
+        evaluator = MultiLabelClassificationEvaluator(device, max_samples=limit)
+    elif task is not None:
+        evaluator = task.create_evaluator(max_samples=limit)
         evaluator.criterion = loss_fn
     else:
-        from timm.task.evaluator import ClassificationEvaluator
-        evaluator = ClassificationEvaluator(device, max_samples=evaluation_sample_limit(loader), criterion=loss_fn)
+        evaluator = ClassificationEvaluator(device, max_samples=limit, criterion=loss_fn)
     model.eval()
     last_idx = len(loader) - 1
     start = time.time()
@@ -1180,15 +1261,14 @@ def validate(
                 target = target[0:target.size(0):args.tta]
             evaluator.update(output.float(), target)
             if utils.is_primary(args) and (batch_idx == last_idx or batch_idx % args.log_interval == 0):
-                running = evaluator.summary()
+                running = '  '.join(f'{k}: {v:.3f}' for k, v in evaluator.summary().items())
                 _logger.info(f'Test{log_suffix}: [{batch_idx:>4d}/{last_idx}]  Time: {time.time() - start:.3f}s  '
-                             f'Loss: {running["loss"]:>6.3f}  Acc@1: {running["top1"]:>7.3f}  '
-                             f'Acc@5: {running["top5"]:>7.3f}')
+                             f'{running}')
     metrics = evaluator.compute(distributed=args.distributed)
+    metrics = OrderedDict((k, metrics[k]) for k in evaluator.metric_names)
     if utils.is_primary(args):
-        _logger.info(f'Eval{log_suffix}: top-1 {metrics["top1"]:.3f}  top-5 {metrics["top5"]:.3f}  '
-                     f'loss {metrics["loss"]:.4f}')
-    return OrderedDict((k, metrics[k]) for k in ('loss', 'top1', 'top5'))
+        _logger.info(f'Eval{log_suffix}: ' + '  '.join(f'{k} {v:.4f}' for k, v in metrics.items()))
+    return metrics
 
 
 def _set_loader_epoch(loader, epoch: int) -> None:
@@ -1206,10 +1286,21 @@ def _set_loader_epoch(loader, epoch: int) -> None:
 # main
 # ---------------------------------------------------------------------------------------------------------
 
+def _eval_metric(args: argparse.Namespace) -> str:
+    """--eval-metric, or the default metric of the task's evaluator (top1; map with --task multilabel)."""
+    evaluator_cls = MultiLabelClassificationEvaluator if args.task == 'multilabel' else ClassificationEvaluator
+    metric = args.eval_metric or evaluator_cls.default_metric
+    if metric not in evaluator_cls.metric_names:
+        raise ConfigError(f'--eval-metric {metric} is not reported by {args.task} evaluation; use one of '
+                          f'{", ".join(evaluator_cls.metric_names)}')
+    return metric
+
+
 def _check_before_start(args: argparse.Namespace) -> None:
     """Everything that can be checked without a model: flags, Hub token, device (the data dir is checked once
     the model is built, as timm's train.py creates the model first)."""
     _check_run_flags(args)
+    _eval_metric(args)
     if args.stop_epoch is not None and args.stop_epoch < 1:
         raise ConfigError(f'--stop-epoch {args.stop_epoch} is out of range: it counts completed epochs, use >= 1')
     try:
@@ -1263,13 +1354,18 @@ def main() -> int:
     model, model_patch_size = _place_model(args, model, device, model_dtype, num_aug_splits)
     amp_autocast, loss_scaler = _amp(args, device, model_dtype)
 
-    mixup_active = args.mixup > 0 or args.cutmix > 0. or args.cutmix_minmax is not None
+    mixup_active = _mixup_active(args)
     mixup_args = {}
     if mixup_active:
         mixup_args = dict(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
                           prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
-                          label_smoothing=args.smoothing, num_classes=args.num_classes)
-    train_loss_fn = _build_train_loss(args, num_aug_splits, mixup_active).to(device=device)
+                          label_smoothing=args.smoothing, num_classes=args.num_classes,
+                          multi_label=args.task == 'multilabel')
+    try:
+        train_loss_fn = _train_loss(args, num_classes=args.num_classes, verbose=utils.is_primary(args))
+    except (ValueError, OSError) as e:
+        raise ConfigError(str(e)) from e
+    train_loss_fn = train_loss_fn.to(device=device)
     validate_loss_fn = nn.CrossEntropyLoss().to(device=device)
 
     # the task probes the model (DRLoc grids) before any data is read, so bad DRLoc flags fail fast
@@ -1325,7 +1421,7 @@ def main() -> int:
                                  broadcast_buffers=not args.no_ddp_bb)
         model = task.get_trainable_module()
 
-    eval_metric = args.eval_metric if loader_eval is not None else 'loss'
+    eval_metric = _eval_metric(args) if loader_eval is not None else 'loss'
     decreasing_metric = eval_metric == 'loss'
     updates_per_epoch = (len(loader_train) + args.grad_accum_steps - 1) // args.grad_accum_steps
     lr_scheduler, num_epochs = create_scheduler_v2(
