@@ -282,6 +282,19 @@ def test_config_unknown_key_warns_and_is_ignored(monkeypatch, tmp_path, caplog):
 
 
 @pytest.mark.usefixtures('restore_parser_defaults')
+def test_a_runs_args_yaml_is_a_config_that_reproduces_the_run(monkeypatch, tmp_path):
+    # timm users re-run an experiment with -c output/train/EXP/args.yaml
+    monkeypatch.setattr('sys.argv', ['train_drloc.py', '--data-dir', str(tmp_path), '--drloc-lambda', '0.5',
+                                     '--drloc-layers', 'blocks.1', '--lr', '3e-4', '--epochs', '7'])
+    args, args_text = train._parse_args()
+    path = tmp_path / 'args.yaml'
+    path.write_text(args_text)
+    again = _parse(monkeypatch, '-c', str(path))
+    assert vars(again) == vars(args)
+    assert again.wandb_tags == [] and again.drloc_layers == ['blocks.1'] and again.lr == 3e-4
+
+
+@pytest.mark.usefixtures('restore_parser_defaults')
 @pytest.mark.parametrize('cfg, message', [
     (dict(drloc_mode='l2'), "drloc_mode='l2' is not one of"),
     (dict(drloc_samples='many'), "drloc_samples='many' is not a valid int"),

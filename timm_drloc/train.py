@@ -439,7 +439,7 @@ def _config_value(action: argparse.Action, key: str, value: Any, path: str) -> A
             parser.error(f'config {path}: {key}={value!r} must be a list')
         if isinstance(action.nargs, int) and len(value) != action.nargs:
             parser.error(f'config {path}: {key} needs {action.nargs} values, got {len(value)}')
-        if action.nargs == '+' and not value:
+        if action.nargs == '+' and not value and action.default != []:  # [] is the default of e.g. wandb_tags
             parser.error(f'config {path}: {key} needs at least one value')
         return [_config_scalar(action, key, v, path) for v in value]
     if isinstance(value, (list, tuple, dict)):
