@@ -49,10 +49,6 @@ class GridSource:
     input_size: Tuple[int, int]
     output_index: int = 0
 
-    @property
-    def reduction(self) -> float:
-        return self.input_size[0] / self.grid_size[0]
-
 
 def to_grid(x: torch.Tensor, source: GridSource, input_hw: Tuple[int, int]) -> torch.Tensor:
     """View a captured feature tensor as a (B, H, W, C) grid, without copying.

@@ -13,7 +13,7 @@ from timm.task import TrainingTask
 from timm.task.classification import resolve_classification_loss
 from timm.utils.model import unwrap_model
 
-from .model import DRLocModel, DRLocOutput, unwrap_once, wrap
+from .model import DRLocModel, DRLocOutput, wrap
 
 _logger = logging.getLogger(__name__)
 
@@ -49,13 +49,8 @@ def check_drloc_lambda(value: float) -> float:
 
 def _find_drloc(module: Optional[nn.Module]) -> Optional[DRLocModel]:
     """The DRLocModel inside EMA / DDP / compile wrappers."""
-    current = unwrap_model(module) if module is not None else None
-    while current is not None and not isinstance(current, DRLocModel):
-        inner = unwrap_once(current)
-        if inner is current:
-            inner = getattr(current, 'module', None)
-        current = inner
-    return current
+    inner = unwrap_model(module) if module is not None else None  # timm strips EMA, DDP and compile wrappers
+    return inner if isinstance(inner, DRLocModel) else None
 
 
 class DRLocTask(TrainingTask):
