@@ -1,0 +1,124 @@
+"""Where DRLoc's step time goes on a GPU: GPU kernel time vs the whole step, and the first-layer paths.
+
+A diagnostic companion of overhead.py (same tasks, same alternating steps). Per model it times three
+tasks on copies of one model: timm's ClassificationTask, DRLocTask as shipped ('project': a grid with
+fewer cells than pairs is projected cell by cell before the gather), and DRLocTask whose heads always
+gather the pairs first ('gather'). Then it profiles one step of each with torch.profiler and prints
+the GPU's busy time (the sum of its kernels' durations) and the kernel count: when the step takes much
+longer than the GPU is busy, the step is bound by the host launching kernels, and what DRLoc adds is
+mostly its kernel launches. Eager runs also check the DRLoc step for host-device synchronizations.
+
+    python benchmarks/gpu_diag.py --models resnet50 vit_small_patch16_224      # eager
+    python benchmarks/gpu_diag.py --models resnet50 --compile --top 12          # + top kernels
+"""
+import argparse
+import copy
+import statistics
+import sys
+import time
+import types
+import warnings
+
+import torch
+
+sys.path.insert(0, __file__.rsplit('/', 1)[0])
+from overhead import make_step, synchronize, time_alternating  # noqa: E402
+
+
+def gather_first_layer(self, grid, pos):
+    """DRLocHead.first_layer without the project-cells-first branch."""
+    batch = grid.shape[0]
+    batch_idx = torch.arange(batch, device=grid.device).view(batch, 1, 1)
+    cells = grid[batch_idx, pos[..., 0], pos[..., 1]]  # B, 2, M, C
+    return self.mlp[0](torch.cat((cells[:, 0], cells[:, 1]), dim=-1))
+
+
+def build(model_name: str, args: argparse.Namespace, device: torch.device):
+    """The three tasks on copies of one freshly initialized model, and an AdamW optimizer for each."""
+    import timm
+    from timm.optim import create_optimizer_v2
+    from timm.task import ClassificationTask
+    from timm_drloc import DRLocTask
+    torch.manual_seed(0)
+    try:
+        model = timm.create_model(model_name, img_size=args.img_size)
+    except TypeError:  # CNNs take any input size and have no img_size argument
+        model = timm.create_model(model_name)
+    tasks = {'timm': ClassificationTask(copy.deepcopy(model).to(device), device=device, verbose=False)}
+    for name in ('project', 'gather'):
+        task = DRLocTask(copy.deepcopy(model).to(device), drloc_lambda=0.5, device=device, verbose=False,
+                         input_size=(3, args.img_size, args.img_size))
+        if name == 'gather':
+            for head in task.trainable_module.heads:
+                head.first_layer = types.MethodType(gather_first_layer, head)
+        tasks[name] = task
+    for task in tasks.values():
+        task.train()
+        if args.compile:
+            task.compile()
+    optimizers = {n: create_optimizer_v2(t.get_trainable_module(), 'adamw', lr=1e-4, weight_decay=0.05)
+                  for n, t in tasks.items()}
+    return tasks, optimizers
+
+
+def profile_step(step, device):
+    """(profiler, number of GPU kernels, their summed duration in us) of one call of `step`."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == 'cuda' else [])
+    synchronize(device)
+    with profile(activities=activities) as prof:
+        step()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return prof, len(kernels), sum(e.time_range.elapsed_us() for e in kernels)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--models', nargs='+', default=['resnet50'])
+    parser.add_argument('--device', default='cuda')
+    parser.add_argument('--batch-size', type=int, default=64)
+    parser.add_argument('--img-size', type=int, default=224)
+    parser.add_argument('--compile', action='store_true')
+    parser.add_argument('--steps', type=int, default=10)
+    parser.add_argument('--warmup', type=int, default=3)
+    parser.add_argument('--top', type=int, default=0, help='print the N costliest ops of each DRLoc step')
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    print(f'# torch {torch.__version__}, {torch.cuda.get_device_name(0) if device.type == "cuda" else "CPU"}; '
+          f'batch {args.batch_size}, bf16 autocast, compile={args.compile}', flush=True)
+    for model_name in args.models:
+        started = time.time()
+        tasks, optimizers = build(model_name, args, device)
+        g = torch.Generator().manual_seed(0)
+        images = torch.randn(args.batch_size, 3, args.img_size, args.img_size, generator=g).to(device)
+        labels = torch.randint(0, 1000, (args.batch_size,), generator=g).to(device)
+        steps = {n: make_step(t, optimizers[n], images, labels, True) for n, t in tasks.items()}
+        wall, _ = time_alternating(steps, args.steps, args.warmup)
+        base = statistics.median(wall['timm'])
+        print(f'{model_name}: median step ms ' + ', '.join(
+            f'{n} {statistics.median(w) * 1e3:.2f} ({statistics.median(w) / base:.3f})' for n, w in wall.items())
+            + f'  [{time.time() - started:.0f}s with model build and compile]', flush=True)
+        for name, step in steps.items() if device.type == 'cuda' else ():  # a CPU run only times the steps
+            prof, count, gpu_us = profile_step(step, device)
+            step_ms = statistics.median(wall[name]) * 1e3
+            print(f'  {name:8s} GPU busy {gpu_us / 1e3:6.2f} ms of a {step_ms:6.2f} ms step '
+                  f'({gpu_us / 1e3 / step_ms:4.0%}), {count} kernels', flush=True)
+            if name != 'timm' and args.top > 0:
+                table = prof.key_averages().table(sort_by='self_device_time_total', row_limit=args.top,
+                                                  max_name_column_width=70)
+                print('\n'.join('    ' + line for line in table.splitlines()), flush=True)
+        if device.type == 'cuda' and not args.compile:
+            torch.cuda.set_sync_debug_mode('warn')
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter('always')
+                steps['project']()
+                synchronize(device)
+            torch.cuda.set_sync_debug_mode('default')
+            syncs = [str(c.message).splitlines()[0] for c in caught if 'synchroniz' in str(c.message)]
+            print(f'  host-device syncs in one DRLoc step: {len(syncs)} {syncs[:3]}', flush=True)
+        del tasks, optimizers, steps
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
