@@ -180,6 +180,22 @@ def test_state_dict_keys_unchanged_and_model_is_the_original_object():
     assert head_keys and all(k[len('model.'):] in keys for k in drloc.state_dict() if k.startswith('model.'))
 
 
+def test_remove_hooks_leaves_the_backbone_as_before_wrap():
+    model, x = make('resnet')
+    hooks_before = {name: len(m._forward_hooks) for name, m in model.named_modules()}
+    drloc = wrap(model, hidden_dim=16)
+    assert sum(len(m._forward_hooks) for m in model.modules()) > sum(hooks_before.values())
+    drloc.remove_hooks()
+    assert {name: len(m._forward_hooks) for name, m in model.named_modules()} == hooks_before
+    model.eval()
+    expected = model(x)
+    drloc.eval()
+    assert torch.equal(drloc(x), expected)  # eval still runs the backbone alone
+    drloc.train()
+    with pytest.raises(RuntimeError, match=r'remove_hooks\(\) was called'):
+        drloc(x)
+
+
 def test_unwrap_through_drloc_compile_and_ddp(tmp_path):
     import torch.distributed as dist
     model, _ = make('resnet')

@@ -89,6 +89,9 @@ class DRLocModel(nn.Module):
             indices = [int(s.name.split('.')[-1]) for s in self.sources]
             final, features = self.model.forward_intermediates(x, indices=indices, norm=False)
             return self.model.forward_head(final), list(features)
+        if not self._hook_handles:
+            raise RuntimeError("remove_hooks() was called on this DRLocModel: it no longer reads grids. Train with "
+                               "a fresh timm_drloc.wrap(model), or use the plain backbone (.model) for inference.")
         for capture in self._captures:
             capture.start()
         try:
@@ -120,7 +123,11 @@ class DRLocModel(nn.Module):
             return getattr(self._modules['model'], name)
 
     def remove_hooks(self) -> None:
-        """Detach the grid hooks from the backbone (the DRLocModel cannot train after this)."""
+        """Detach the grid hooks from the backbone, leaving it as it was before wrap().
+
+        The DRLocModel cannot compute its loss after this (a train-mode forward raises); eval forwards,
+        which run the backbone alone, still work.
+        """
         for handle in self._hook_handles:
             handle.remove()
         self._hook_handles = []
