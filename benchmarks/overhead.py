@@ -3,8 +3,11 @@
 Both tasks train two copies of the same model (same weights) on the same batch, in one process. Steps
 alternate between the two (which one goes first flips every round, so neither profits from a warmer
 cache), each step is forward + backward + optimizer step, and the step time reported is the median of
-`--steps` steps after `--warmup` warm-up steps, in wall-clock time (the headline ratio) and in process
-CPU time (steadier when other processes share the cores: their work does not count). Peak memory is measured on one extra step per task:
+`--steps` steps after `--warmup` warm-up steps, in wall-clock time and in process CPU time (steadier
+when other processes share the cores: their work does not count). The `min ratio` compares the
+fastest step of each task (CPU time on a CPU, wall clock on CUDA): interference only adds time, so it
+is the steadiest of the three; `--aa` puts a second plain timm task in DRLoc's place to show how far
+from 1.0 each ratio strays with nothing to measure. Peak memory is measured on one extra step per task:
 
 * CUDA: `torch.cuda.max_memory_allocated()` during the step, minus what was allocated before it.
 * CPU: the peak of live bytes allocated by torch's CPU allocator during the step, minus the bytes live
@@ -19,6 +22,7 @@ before an index gather. Both run on the same grids (each model's real grid shape
 
     python benchmarks/overhead.py                      # CPU, the three default models, batch 8
     python benchmarks/overhead.py --device cuda --amp --batch-size 64 --compile
+    python benchmarks/overhead.py --aa                 # the same set-up, timm against timm
 """
 import argparse
 import copy
@@ -38,9 +42,15 @@ DEFAULT_MODELS = ('swin_tiny_patch4_window7_224', 'vit_small_patch16_224', 'resn
 
 @dataclass
 class StepStats:
-    """Median wall-clock and process-CPU seconds of a step, and its peak memory (bytes), for one task."""
+    """One task's step: median wall-clock and process-CPU seconds, the fastest step, peak memory (bytes).
+
+    `fastest` is the shortest timed step on the clock that fits the device: process CPU time on a CPU,
+    wall clock on CUDA. Interference from other work only ever adds time, so the fastest steps are the
+    steadiest comparison (see `--aa`).
+    """
     seconds: float
     cpu_seconds: float
+    fastest: float
     peak_bytes: int
 
 
@@ -64,6 +74,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--threads', type=int, default=None,
                         help='torch CPU threads (default: torch\'s); 1 gives the steadiest CPU-time ratio on shared cores')
     parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--aa', action='store_true',
+                        help="A/A check: time a second plain timm task in DRLoc's place (same set-up) to see "
+                             "the measurement's own spread; every ratio should then read 1.0")
     args = parser.parse_args(argv)
     if args.steps < 5:
         parser.error(f'--steps {args.steps}: use at least 5 timed steps so the median means something.')
@@ -163,6 +176,9 @@ def build_tasks(args: argparse.Namespace, model_name: str, device: torch.device)
     drloc = DRLocTask(model.to(device), drloc_lambda=0.5, num_samples=args.samples, hidden_dim=args.hidden_dim,
                       multiscale=args.multiscale, input_size=(3, args.img_size, args.img_size),
                       device=device, verbose=False)
+    if args.aa:  # the same model object in the same place, without DRLoc
+        drloc.trainable_module.remove_hooks()
+        drloc = ClassificationTask(drloc.trainable_module.model, device=device, verbose=False)
     tasks = {'timm': baseline, 'drloc': drloc}
     for task in tasks.values():
         task.train()
@@ -187,9 +203,11 @@ def bench_model(args: argparse.Namespace, model_name: str, device: torch.device)
         for name, times in phases.items():
             medians = ', '.join(f'{phase} {statistics.median(v[args.warmup:]):.3f}' for phase, v in times.items())
             print(f'#   {model_name} {name}: process CPU s per phase (median): {medians}')
-    stats = {name: StepStats(statistics.median(wall[name]), statistics.median(cpu[name]),
+    fastest = wall if device.type == 'cuda' else cpu
+    stats = {name: StepStats(statistics.median(wall[name]), statistics.median(cpu[name]), min(fastest[name]),
                              peak_step_memory(steps[name], device)) for name in steps}
-    grids = [(s.grid_size, s.num_chs, s.layout) for s in drloc.trainable_module.sources]
+    sources = [] if args.aa else drloc.trainable_module.sources
+    grids = [(s.grid_size, s.num_chs, s.layout) for s in sources]
     return stats, grids
 
 
@@ -208,8 +226,11 @@ def reference_style_loss(head: nn.Module, grid_nchw: torch.Tensor) -> torch.Tens
     """
     batch, chans, height, width = grid_nchw.shape
     device, num_samples = grid_nchw.device, head.num_samples
-    first = torch.randint(height, (batch, num_samples, 2)).to(device)  # B, M, (row, col) -- drawn on the host
-    second = torch.randint(height, (batch, num_samples, 2)).to(device)
+    def draw() -> torch.Tensor:  # B, M, (row, col), drawn on the host and copied over
+        return torch.stack((torch.randint(height, (batch, num_samples)), torch.randint(width, (batch, num_samples))),
+                           dim=-1).to(device)
+
+    first, second = draw(), draw()
     target = (first - second).abs().float()  # B, M, 2
     flat = grid_nchw.permute(1, 0, 2, 3).reshape(chans, batch * height * width)  # C, B*H*W: copies the map
     base = (torch.arange(batch, device=device) * height * width).view(batch, 1)
@@ -267,12 +288,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     name = torch.cuda.get_device_name(device) if device.type == 'cuda' else f'CPU, {torch.get_num_threads()} threads'
     print(f'# torch {torch.__version__}, {name}; batch {args.batch_size}, {args.img_size}px, m={args.samples}, '
           f'hidden {args.hidden_dim}, amp={args.amp}, compile={args.compile}, multiscale={args.multiscale}, '
-          f'opt={args.opt}, median of {args.steps} steps after {args.warmup} warm-up')
+          f'opt={args.opt}, median of {args.steps} steps after {args.warmup} warm-up'
+          + ('; A/A CHECK: the drloc columns are a second plain timm task' if args.aa else ''))
     if device.type == 'cpu':
         load = os.getloadavg()[0]
         print(f'# load average {load:.1f} on {os.cpu_count()} cores at start'
               + (': the cores are shared, trust the CPU-time ratio more than wall clock' if load > 1.5 else ''))
-    print(f"{'model':<32} {'timm s':>8} {'drloc s':>8} {'ratio':>6} {'cpu ratio':>9} {'img/s timm':>10} "
+    print(f"{'model':<32} {'timm s':>8} {'drloc s':>8} {'ratio':>6} {'cpu ratio':>9} {'min ratio':>9} {'img/s timm':>10} "
           f"{'img/s drloc':>11} {'MiB timm':>8} {'MiB drloc':>9} {'mem ratio':>9}  grids")
     rows, head_shapes = [], {}
     for model_name in args.models:
@@ -284,18 +306,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         base, ours = stats['timm'], stats['drloc']
         ratio = ours.seconds / base.seconds
         cpu_ratio = ours.cpu_seconds / base.cpu_seconds
+        min_ratio = ours.fastest / base.fastest
         mem_ratio = ours.peak_bytes / max(base.peak_bytes, 1)
         grid_text = ', '.join(f'{h}x{w}x{c}' for (h, w), c, _ in grids)
-        print(f'{model_name:<32} {base.seconds:8.3f} {ours.seconds:8.3f} {ratio:6.3f} {cpu_ratio:9.3f} '
+        print(f'{model_name:<32} {base.seconds:8.3f} {ours.seconds:8.3f} {ratio:6.3f} {cpu_ratio:9.3f} {min_ratio:9.3f} '
               f'{args.batch_size / base.seconds:10.1f} {args.batch_size / ours.seconds:11.1f} '
               f'{mib(base.peak_bytes)} {mib(ours.peak_bytes):>9} {mem_ratio:9.3f}  {grid_text}', flush=True)
-        rows.append((model_name, ratio, cpu_ratio))
+        rows.append((model_name, ratio, cpu_ratio, min_ratio))
         for grid in grids:
             head_shapes.setdefault(grid, model_name)
     if rows:
         worst = max(rows, key=lambda r: r[1])
         print(f'# worst wall-clock step-time ratio: {worst[1]:.3f} ({worst[0]}); '
-              f'worst CPU-time ratio: {max(r[2] for r in rows):.3f}')
+              f'worst CPU-time ratio: {max(r[2] for r in rows):.3f}; worst min ratio: {max(r[3] for r in rows):.3f}')
     if args.skip_head or not head_shapes:
         return 0
     clock = 'wall' if device.type == 'cuda' else 'process CPU'
