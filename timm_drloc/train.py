@@ -1031,18 +1031,26 @@ class EpochProgress:
 # ---------------------------------------------------------------------------------------------------------
 
 def _finite_or_stop(result: Dict[str, torch.Tensor], epoch: int, batch_idx: int, args: argparse.Namespace,
-                    device: torch.device) -> None:
-    """Stop with NonFiniteLossError, naming the step and the term, when the loss is NaN or Inf on any rank."""
+                    device: torch.device) -> Tuple[float, Optional[float]]:
+    """This rank's (loss, drloc_loss) as floats; NonFiniteLossError, naming the step and the term, if the
+    loss is NaN or Inf on any rank.
+
+    Runs before backward, so a bad step never reaches the optimizer. The flag and the values the meters
+    need come to the host in one transfer: one host-device sync per step, as timm's own loop has.
+    """
     loss = result['loss'].detach()
     bad = (~torch.isfinite(loss)).float().reshape(1)
     if args.distributed:
         torch.distributed.all_reduce(bad)
-    if bad.item() == 0:
-        return
+    drloc = result.get('drloc_loss')
+    parts = [bad, loss.float().reshape(1)] + ([drloc.detach().float().reshape(1)] if drloc is not None else [])
+    values = torch.cat(parts).tolist()
+    if values[0] == 0:
+        return values[1], (values[2] if drloc is not None else None)
     terms = [k for k in ('task_loss', 'drloc_loss') if k in result and not torch.isfinite(result[k]).all()]
-    term = ', '.join(terms) or ('loss' if not torch.isfinite(loss).all() else 'loss on another rank')
+    term = ', '.join(terms) or ('loss' if not math.isfinite(values[1]) else 'loss on another rank')
     raise NonFiniteLossError(
-        f'non-finite {term} at epoch {epoch}, step {batch_idx} (loss={loss.item()}): training stopped; the '
+        f'non-finite {term} at epoch {epoch}, step {batch_idx} (loss={values[1]}): training stopped; the '
         f'checkpoints already written are untouched. Lower --lr, set --clip-grad, or lower --drloc-lambda, then '
         f'continue with --resume')
 
@@ -1112,21 +1120,21 @@ def train_one_epoch(
         def _step():
             with amp_autocast():
                 result = task(input, target)
-            _finite_or_stop(result, epoch, batch_idx, args, device)
+            floats = _finite_or_stop(result, epoch, batch_idx, args, device)
             loss = result['loss'] / accum_steps if accum_steps > 1 else result['loss']
             _backward(loss * loss_scale if loss_scale != 1.0 else loss, args, task, optimizer, loss_scaler,
                       second_order, need_update)
-            return result
+            return floats
 
         if has_no_sync and not need_update:
             with task.no_sync():
-                result = _step()
+                loss_value, drloc_value = _step()
         else:
-            result = _step()
+            loss_value, drloc_value = _step()
 
-        losses_m.update(result['loss'].item(), batch_size)
-        if 'drloc_loss' in result:
-            drloc_m.update(result['drloc_loss'].item(), batch_size)
+        losses_m.update(loss_value, batch_size)
+        if drloc_value is not None:
+            drloc_m.update(drloc_value, batch_size)
         update_sample_count += global_batch_size
         if not need_update:
             data_start_time = time.time()
