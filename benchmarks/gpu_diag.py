@@ -13,20 +13,26 @@ mostly its kernel launches. Eager runs also check the DRLoc step for host-device
 """
 import argparse
 import copy
+import os
 import statistics
 import sys
 import time
 import types
 import warnings
+from typing import Callable
 
 import torch
+import torch.nn as nn
 
-sys.path.insert(0, __file__.rsplit('/', 1)[0])
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # overhead.py beside this file
 from overhead import make_step, synchronize, time_alternating  # noqa: E402
 
 
-def gather_first_layer(self, grid, pos):
-    """DRLocHead.first_layer without the project-cells-first branch."""
+def gather_first_layer(self: nn.Module, grid: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """DRLocHead.first_layer without the project-cells-first branch.
+
+    grid: (B, H, W, C); pos: (B, 2, M, 2) (row, col) of both cells of each pair. Returns (B, M, hidden).
+    """
     batch = grid.shape[0]
     batch_idx = torch.arange(batch, device=grid.device).view(batch, 1, 1)
     cells = grid[batch_idx, pos[..., 0], pos[..., 1]]  # B, 2, M, C
@@ -61,7 +67,7 @@ def build(model_name: str, args: argparse.Namespace, device: torch.device):
     return tasks, optimizers
 
 
-def profile_step(step, device):
+def profile_step(step: Callable[[], None], device: torch.device):
     """(profiler, number of GPU kernels, their summed duration in us) of one call of `step`."""
     from torch.profiler import ProfilerActivity, profile
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == 'cuda' else [])
