@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # overhead.py beside this file
-from overhead import make_step, synchronize, time_alternating  # noqa: E402
+from overhead import create_model, make_batch, make_step, synchronize, time_alternating  # noqa: E402
 
 
 def gather_first_layer(self: nn.Module, grid: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -41,15 +41,10 @@ def gather_first_layer(self: nn.Module, grid: torch.Tensor, pos: torch.Tensor) -
 
 def build(model_name: str, args: argparse.Namespace, device: torch.device):
     """The three tasks on copies of one freshly initialized model, and an AdamW optimizer for each."""
-    import timm
     from timm.optim import create_optimizer_v2
     from timm.task import ClassificationTask
     from timm_drloc import DRLocTask
-    torch.manual_seed(0)
-    try:
-        model = timm.create_model(model_name, img_size=args.img_size)
-    except TypeError:  # CNNs take any input size and have no img_size argument
-        model = timm.create_model(model_name)
+    model = create_model(model_name, args.img_size, seed=0)
     tasks = {'timm': ClassificationTask(copy.deepcopy(model).to(device), device=device, verbose=False)}
     for name in ('project', 'gather'):
         task = DRLocTask(copy.deepcopy(model).to(device), drloc_lambda=0.5, device=device, verbose=False,
@@ -95,9 +90,7 @@ def main() -> int:
     for model_name in args.models:
         started = time.time()
         tasks, optimizers = build(model_name, args, device)
-        g = torch.Generator().manual_seed(0)
-        images = torch.randn(args.batch_size, 3, args.img_size, args.img_size, generator=g).to(device)
-        labels = torch.randint(0, 1000, (args.batch_size,), generator=g).to(device)
+        images, labels = make_batch(args.batch_size, args.img_size, 0, device)
         steps = {n: make_step(t, optimizers[n], images, labels, True) for n, t in tasks.items()}
         wall, _ = time_alternating(steps, args.steps, args.warmup)
         base = statistics.median(wall['timm'])

@@ -159,18 +159,31 @@ def time_alternating(steps: Dict[str, Callable[[], None]], num_steps: int, warmu
     return wall, cpu
 
 
+def create_model(model_name: str, img_size: int, seed: int) -> nn.Module:
+    """A freshly initialized timm model (no pretrained weights) for `img_size` inputs, seeded."""
+    import timm
+    torch.manual_seed(seed)
+    try:
+        return timm.create_model(model_name, pretrained=False, img_size=img_size)
+    except TypeError:  # CNNs take any input size and have no img_size argument
+        return timm.create_model(model_name, pretrained=False)
+
+
+def make_batch(batch_size: int, img_size: int, seed: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A fixed random batch: images (B, 3, H, W) and ImageNet labels (B,), on `device`."""
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randn(batch_size, 3, img_size, img_size, generator=generator).to(device)
+    labels = torch.randint(0, 1000, (batch_size,), generator=generator).to(device)
+    return images, labels
+
+
 def build_tasks(args: argparse.Namespace, model_name: str, device: torch.device):
     """(ClassificationTask, DRLocTask) on two copies of one freshly initialized model."""
-    import timm
     from timm.optim import create_optimizer_v2
     from timm.task import ClassificationTask
     from timm_drloc import DRLocTask
 
-    torch.manual_seed(args.seed)
-    try:
-        model = timm.create_model(model_name, pretrained=False, img_size=args.img_size)
-    except TypeError:  # CNNs take any input size and have no img_size argument
-        model = timm.create_model(model_name, pretrained=False)
+    model = create_model(model_name, args.img_size, args.seed)
     plain = copy.deepcopy(model)  # before wrap(): the copy carries no DRLoc hooks
     baseline = ClassificationTask(plain.to(device), device=device, verbose=False)
     drloc = DRLocTask(model.to(device), drloc_lambda=0.5, num_samples=args.samples, hidden_dim=args.hidden_dim,
@@ -192,9 +205,7 @@ def build_tasks(args: argparse.Namespace, model_name: str, device: torch.device)
 def bench_model(args: argparse.Namespace, model_name: str, device: torch.device) -> Dict[str, StepStats]:
     """Step time and memory of both tasks on `model_name`; also returns the DRLoc grid shapes."""
     tasks, optimizers, drloc = build_tasks(args, model_name, device)
-    generator = torch.Generator().manual_seed(args.seed)
-    images = torch.randn(args.batch_size, 3, args.img_size, args.img_size, generator=generator).to(device)
-    labels = torch.randint(0, 1000, (args.batch_size,), generator=generator).to(device)
+    images, labels = make_batch(args.batch_size, args.img_size, args.seed, device)
     phases = {name: {} for name in tasks}
     steps = {name: make_step(task, optimizers[name], images, labels, args.amp, phases[name])
              for name, task in tasks.items()}

@@ -1030,8 +1030,8 @@ class EpochProgress:
 # Train and eval loops
 # ---------------------------------------------------------------------------------------------------------
 
-def _finite_or_stop(result: Dict[str, torch.Tensor], epoch: int, batch_idx: int, args: argparse.Namespace,
-                    device: torch.device) -> Tuple[float, Optional[float]]:
+def _finite_or_stop(result: Dict[str, torch.Tensor], epoch: int, batch_idx: int,
+                    args: argparse.Namespace) -> Tuple[float, Optional[float]]:
     """This rank's (loss, drloc_loss) as floats; NonFiniteLossError, naming the step and the term, if the
     loss is NaN or Inf on any rank.
 
@@ -1121,7 +1121,7 @@ def train_one_epoch(
         def _step():
             with amp_autocast():
                 result = task(input, target)
-            floats = _finite_or_stop(result, epoch, batch_idx, args, device)
+            floats = _finite_or_stop(result, epoch, batch_idx, args)
             loss = result['loss'] / accum_steps if accum_steps > 1 else result['loss']
             _backward(loss * loss_scale if loss_scale != 1.0 else loss, args, task, optimizer, loss_scaler,
                       second_order, need_update)
