@@ -23,6 +23,7 @@ from timm.utils import CheckpointSaver, update_summary
 
 import timm_drloc
 from timm_drloc import hub
+from timm_drloc.errors import ExitCode
 
 MEAN = (0.25, 0.5, 0.75)
 STD = (0.2, 0.3, 0.4)
@@ -386,7 +387,7 @@ def test_upload_failure_keeps_export_and_checkpoints_and_returns_nonzero(run, tm
     with caplog.at_level(logging.ERROR):
         code = hub.push_after_training(args, run_dir, data_config=None)
 
-    assert code == hub.UPLOAD_FAILED == 4
+    assert code == ExitCode.UPLOAD_FAILED == 4
     folder = run_dir / 'hub_export'
     assert {'config.json', 'model.safetensors', 'README.md'} <= {p.name for p in folder.iterdir()}
     assert str(folder) in caplog.text and 'someone/drloc-vit' in caplog.text

@@ -32,6 +32,8 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
+from .errors import ExitCode
+
 _logger = logging.getLogger(__name__)
 
 HUB_MODEL_CHOICES = ('best', 'last', 'ema')
@@ -645,10 +647,6 @@ def hub_checkpoint(output_dir: Union[str, Path], hub_model: str = 'best') -> Pat
     return last
 
 
-# exit status of a failed upload (2 is bad input, 3 a non-finite loss)
-UPLOAD_FAILED = 4
-
-
 def push_after_training(
         args: argparse.Namespace,
         output_dir: Union[str, Path],
@@ -671,12 +669,12 @@ def push_after_training(
         class_names: class names in index order (e.g. the train dataset's classes), for config.json.
 
     Returns:
-        0 on success (or nothing to do); 1 when the export failed, 4 when the upload failed. The
+        ExitCode.OK on success (or nothing to do), EXPORT_FAILED or UPLOAD_FAILED. The
         checkpoints are only read; on failure the export folder, when written, is kept and logged.
     """
     repo_id = getattr(args, 'push_to_hub', None)
     if not repo_id or not _is_rank_zero(args):
-        return 0
+        return ExitCode.OK
     hub_model = getattr(args, 'hub_model', None) or 'best'
     output_dir = Path(output_dir)
     checkpoint = Path(checkpoint_path) if checkpoint_path else hub_checkpoint(output_dir, hub_model)
@@ -689,7 +687,7 @@ def push_after_training(
     except Exception as e:
         _logger.error(f"Export of '{checkpoint}' for the Hub failed: {e}. The checkpoints are unchanged; "
                       f"export them later with `timm-drloc export {checkpoint} OUT_DIR --push-to-hub {repo_id}`.")
-        return 1
+        return ExitCode.EXPORT_FAILED
     try:
         url = push_to_hub(folder, repo_id, private=bool(getattr(args, 'hub_private', False)))
     except Exception as e:
@@ -697,9 +695,9 @@ def push_after_training(
             f"Upload to the Hub repo '{repo_id}' failed ({type(e).__name__}: {e}). The export is kept in "
             f"'{folder}' and the checkpoints are unchanged; upload it later with "
             f"`hf upload {repo_id} {folder}` or timm_drloc.push_to_hub('{folder}', '{repo_id}').")
-        return UPLOAD_FAILED
+        return ExitCode.UPLOAD_FAILED
     _logger.info(f"Uploaded the {hub_model} model to {url} (export kept in '{folder}').")
-    return 0
+    return ExitCode.OK
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -729,7 +727,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def export_main(argv: Optional[List[str]] = None) -> int:
-    """`timm-drloc export CHECKPOINT OUT_DIR [--model NAME] ...`; returns the exit code."""
+    """`timm-drloc export CHECKPOINT OUT_DIR [--model NAME] ...`; returns the ExitCode."""
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format='%(message)s')
@@ -742,7 +740,7 @@ def export_main(argv: Optional[List[str]] = None) -> int:
             model_kwargs=args.model_kwargs, repo_id=args.push_to_hub)
     except (ValueError, OSError) as e:
         print(f"timm-drloc export: error: {e}", file=sys.stderr)
-        return 2
+        return ExitCode.BAD_INPUT
     print(f"Exported to {folder}: load it with timm.create_model('local-dir:{folder}', pretrained=True)")
     if args.push_to_hub:
         try:
@@ -750,6 +748,6 @@ def export_main(argv: Optional[List[str]] = None) -> int:
         except Exception as e:
             print(f"timm-drloc export: upload to '{args.push_to_hub}' failed ({type(e).__name__}: {e}). "
                   f"The export is kept in '{folder}'.", file=sys.stderr)
-            return 1
+            return ExitCode.UPLOAD_FAILED
         print(f"Uploaded to {url}")
-    return 0
+    return ExitCode.OK

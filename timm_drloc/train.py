@@ -49,6 +49,7 @@ from timm.task import (
 from timm.task.evaluator import ClassificationEvaluator, MultiLabelClassificationEvaluator, evaluation_sample_limit
 from timm.utils import NativeScaler, load_checkpoint_metadata
 
+from timm_drloc.errors import ConfigError, ExitCode, NonFiniteLossError
 from timm_drloc.hub import add_push_args, check_push_args, push_after_training
 
 try:
@@ -67,14 +68,6 @@ _logger = logging.getLogger('train_drloc')
 
 CHECKPOINT_EXT = '.pth.tar'
 DRLOC_MODES = ('l1', 'ce', 'cbr')
-
-
-class ConfigError(ValueError):
-    """A flag, config value or input that cannot work; raised before any training step runs."""
-
-
-class NonFiniteLossError(FloatingPointError):
-    """A loss term became NaN or Inf; training stops, the checkpoints already written stay as they are."""
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -1325,7 +1318,7 @@ def _check_before_start(args: argparse.Namespace) -> None:
 def main() -> int:
     """Parse the flags, build model, task, data, optimizer and schedule, then train and evaluate each epoch.
 
-    Returns 0, or the non-zero status of a failed `--push-to-hub` export (1) or upload (2).
+    Returns ExitCode.OK, or the status of a failed `--push-to-hub` export or upload (ExitCode).
     """
     utils.setup_default_logging()
     args, args_text = _parse_args()
@@ -1690,17 +1683,17 @@ def _train_epochs(
 
 
 def run() -> None:
-    """Console entry: main(), with input errors (2), non-finite losses (3) and failed Hub pushes (1 export,
-    4 upload) reported as one line and a non-zero exit status."""
+    """Console entry: main(), with input errors, non-finite losses and failed Hub pushes reported as one line
+    and the status ExitCode gives each."""
     try:
         status = main()
     except ConfigError as e:
         _logger.error(f'error: {e}')
-        sys.exit(2)
+        sys.exit(ExitCode.BAD_INPUT)
     except NonFiniteLossError as e:
         _logger.error(f'error: {e}')
-        sys.exit(3)
-    sys.exit(status or 0)
+        sys.exit(ExitCode.NON_FINITE_LOSS)
+    sys.exit(int(status or ExitCode.OK))
 
 
 if __name__ == '__main__':
