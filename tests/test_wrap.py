@@ -30,9 +30,9 @@ def make(key, **model_kwargs):
 class TinyCNN(nn.Module):
     """A user model with no timm metadata at all."""
 
-    def __init__(self):
+    def __init__(self, in_chans: int = 3):
         super().__init__()
-        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, stride=2, padding=1))
+        self.features = nn.Sequential(nn.Conv2d(in_chans, 8, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, stride=2, padding=1))
         self.fc = nn.Linear(16, 4)
 
     def forward(self, x):
@@ -329,3 +329,63 @@ def test_hiera_multiscale_grids_are_in_row_major_order():
     assert [tuple(g.shape[1:3]) for g in grids] == [(56, 56), (28, 28), (14, 14), (7, 7)]
     for grid, ref in zip(grids, reference):
         torch.testing.assert_close(grid, ref.permute(0, 2, 3, 1))
+
+
+# ---- the probe input comes from the model: channels and built size -------------------------------------
+
+def _gray_vit():
+    from timm.models.vision_transformer import VisionTransformer
+    return VisionTransformer(img_size=32, patch_size=8, in_chans=1, depth=1, embed_dim=32, num_heads=2, num_classes=4)
+
+
+# (builder, wrap kwargs, probe input the model was built for, training batch)
+BUILT_FOR = {
+    'vit_class_1ch': (_gray_vit, {}, (1, 32, 32), (2, 1, 32, 32)),
+    'resnet_create_model_1ch': (lambda: timm.create_model('resnet10t', in_chans=1, num_classes=4), {},
+                                (1, 176, 176), (2, 1, 64, 64)),
+    'convnext_4ch': (lambda: timm.create_model('convnext_atto', in_chans=4, num_classes=4), {}, (4, 224, 224),
+                     (2, 4, 64, 64)),
+    'user_cnn_1ch': (lambda: TinyCNN(in_chans=1), dict(layers=['features']), (1, 224, 224), (2, 1, 32, 32)),
+}
+
+
+@pytest.mark.parametrize('key', list(BUILT_FOR))
+def test_wrap_probes_with_the_channels_and_size_the_model_was_built_for_and_trains(key):
+    build, kwargs, built_for, batch_shape = BUILT_FOR[key]
+    torch.manual_seed(0)
+    model = build()
+    drloc = wrap(model, hidden_dim=16, **kwargs)  # no input_size: the model says what it takes
+    assert drloc.sources[0].input_size == built_for[1:]
+    assert timm_drloc.grids.default_input_size(model) == built_for
+
+    before = [p.detach().clone() for p in drloc.parameters()]
+    optimizer = torch.optim.SGD(drloc.parameters(), lr=0.1)
+    logits, drloc_loss = drloc(torch.randn(*batch_shape))
+    loss = F.cross_entropy(logits, torch.tensor([0, 3])) + 0.5 * drloc_loss
+    loss.backward()
+    optimizer.step()
+    assert torch.isfinite(loss) and drloc_loss > 0
+    assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
+
+
+def test_input_size_argument_still_overrides_what_the_model_says():
+    drloc = wrap(_gray_vit(), hidden_dim=16, input_size=(1, 32, 32))
+    assert drloc.sources[0].grid_size == (4, 4)
+    with pytest.raises(ValueError, match=r'probe pass of VisionTransformer on an input of \(3, 32, 32\) failed'):
+        wrap(_gray_vit(), hidden_dim=16, input_size=(3, 32, 32))
+
+
+# ---- heads follow the model's dtype; the loss stays float32 ---------------------------------------------
+
+@pytest.mark.parametrize('mode', ['l1', 'ce', 'cbr'])
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16], ids=['bf16', 'fp16'])
+def test_heads_take_the_dtype_of_a_low_precision_model_and_the_loss_is_float32(mode, dtype):
+    torch.manual_seed(0)
+    model = timm.create_model('vit_tiny_patch16_224', img_size=32, patch_size=8, depth=1, embed_dim=32,
+                              num_heads=2, num_classes=4).to(dtype)
+    drloc = wrap(model, mode=mode, hidden_dim=16)
+    assert {p.dtype for p in drloc.heads.parameters()} == {dtype}
+    logits, drloc_loss = drloc(torch.randn(2, 3, 32, 32, dtype=dtype))
+    assert logits.dtype == dtype and drloc_loss.dtype == torch.float32 and torch.isfinite(drloc_loss)
+    drloc_loss.backward()
+    assert all(p.grad is not None and p.grad.dtype == dtype for p in drloc.heads.parameters())

@@ -168,19 +168,35 @@ def _square_prefix(length: int) -> int:
 
 
 def default_input_size(model: nn.Module) -> Tuple[int, int, int]:
-    """The (C, H, W) input a model expects: patch_embed's img_size where fixed, else its pretrained_cfg."""
-    from timm.data import resolve_model_data_config
-    in_chans = 3
-    patch_embed = getattr(model, 'patch_embed', None)
-    img_size = getattr(patch_embed, 'img_size', None)
-    try:
-        cfg_size = tuple(resolve_model_data_config(model)['input_size'])
-        in_chans = cfg_size[0]
-    except Exception:  # not a timm model: no pretrained_cfg
-        cfg_size = (3, 224, 224)
-    if img_size is not None:
-        return (in_chans, *tuple(img_size))
-    return cfg_size
+    """The (C, H, W) input a model was built for, as the model itself records it.
+
+    Channels: timm's `in_chans` attribute, else the in_channels of the first convolution (a CNN's stem, a
+    ViT's patch projection), else the pretrained_cfg's, else 3. Size: `patch_embed.img_size` or `img_size`
+    where the model fixes it at creation, else the pretrained_cfg's, else 224 x 224.
+    """
+    cfg = getattr(model, 'pretrained_cfg', None) or {}
+    cfg_size = tuple(cfg.get('input_size') or (3, 224, 224))
+    return (_input_channels(model, cfg_size[0]), *_input_hw(model, cfg_size[1:]))
+
+
+def _input_channels(model: nn.Module, default: int) -> int:
+    """Input channels: the model's `in_chans`, else its first convolution's in_channels, else `default`."""
+    in_chans = getattr(model, 'in_chans', None)
+    if isinstance(in_chans, int):
+        return in_chans
+    first_conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    return first_conv.in_channels if first_conv is not None else int(default)
+
+
+def _input_hw(model: nn.Module, default: Sequence[int]) -> Tuple[int, int]:
+    """(H, W) the model was built for: its patch embedding's or its own `img_size`, else `default`."""
+    for owner in (getattr(model, 'patch_embed', None), model):
+        img_size = getattr(owner, 'img_size', None)
+        if isinstance(img_size, int):
+            return img_size, img_size
+        if isinstance(img_size, (tuple, list)) and len(img_size) == 2:
+            return int(img_size[0]), int(img_size[1])
+    return int(default[0]), int(default[1])
 
 
 def feature_modules(model: nn.Module, multiscale: bool) -> List[Dict]:

@@ -155,7 +155,7 @@ class DRLocHead(nn.Module):
         """Loss of the MLP output `out` (B, M, 2 | B, M, hidden) against targets (B, M, 2), in float32."""
         if self.mode == 'l1':
             return l1_loss(out, target)
-        out = out.float()
+        out = out.to(self.axis_heads[0].weight.dtype)  # fp16 under AMP; bf16 heads of a bf16 model stay bf16
         logits = tuple(
             head(out)[..., :num_offsets(size, self.use_abs)]  # the grid may be smaller than the largest one
             for head, size in zip(self.axis_heads, grid_size))

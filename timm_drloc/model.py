@@ -176,7 +176,8 @@ def wrap(
         hidden_dim: MLP width (reference 512; smaller for tiny models).
         layers: module paths (as `named_modules()` lists them) whose outputs are the grids.
         layout: 'NCHW', 'NHWC' or 'NLC' for the `layers` outputs, when detection is ambiguous.
-        input_size: (C, H, W) for the probe pass that finds the grids; default: the model's own input size.
+        input_size: (C, H, W) for the probe pass that finds the grids; default: the channels and size the model
+            was built for (its `in_chans` or first convolution, its `img_size`), then its pretrained_cfg.
 
     Returns:
         DRLocModel: train mode -> DRLocOutput(logits, drloc_loss), eval mode -> logits.
@@ -204,8 +205,9 @@ def wrap(
                   normalize=normalize, hidden_dim=hidden_dim)
         for s in sources]
     param = next(model.parameters(), None)
-    if param is not None:
-        heads = [h.to(device=param.device) for h in heads]
+    if param is not None:  # the heads live where the grids are, in the model's dtype (--model-dtype bfloat16)
+        dtype = param.dtype if param.is_floating_point() else None
+        heads = [h.to(device=param.device, dtype=dtype) for h in heads]
     return DRLocModel(model, sources, heads, route)
 
 
