@@ -165,6 +165,40 @@ def test_mixup_cutmix_run(monkeypatch, tmp_path, image_folder, mix):
     assert float(row['train_loss']) > 0
 
 
+@pytest.mark.parametrize('extra', [['--model-dtype', 'bfloat16'],
+                                   ['--model-dtype', 'bfloat16', '--no-prefetcher', '--model-ema',
+                                    '--model-ema-decay', '0.5']], ids=['bf16', 'bf16-ema-host-loader'])
+def test_bfloat16_model_trains_with_bfloat16_heads_and_evaluates_its_ema(monkeypatch, tmp_path, image_folder, extra,
+                                                                         caplog):
+    caplog.set_level('INFO')
+    row, checkpoint = _one_epoch(monkeypatch, tmp_path, image_folder, 'bf16', *extra)
+    assert 0 <= float(row['eval_top1']) <= 100
+    assert {v.dtype for v in checkpoint['task_state']['drloc_heads'].values()} == {torch.bfloat16}
+    if '--model-ema' in extra:
+        assert {v.dtype for v in checkpoint['state_dict_ema'].values()} == {torch.bfloat16}
+        assert 'Eval (EMA): loss' in caplog.text
+
+
+@pytest.mark.parametrize('extra', [[], ['--jsd-loss']], ids=['ce', 'jsd'])
+def test_aug_splits_without_the_prefetcher_trains_on_both_splits(monkeypatch, tmp_path, image_folder, extra):
+    sizes = []
+
+    def recording_task(*args, **kwargs):
+        task = build_task(*args, **kwargs)
+        forward = task.forward
+        task.forward = lambda input, target: sizes.append((input.shape[0], target.shape[0])) or forward(input, target)
+        return task
+    build_task = train._build_task
+    monkeypatch.setattr(train, '_build_task', recording_task)
+    argv = _argv(image_folder, tmp_path, 'splits', '--epochs', '1', '--drloc-lambda', '0.5', '--aug-splits', '2',
+                 '--no-prefetcher', *extra)
+    argv.remove('--no-aug')  # splits are augmented copies
+    _run(monkeypatch, argv)
+    assert sizes[0] == (16, 16)  # batch 8: the clean and the augmented split joined, the labels repeated
+    row, = _summary(tmp_path / 'splits')
+    assert 0 < float(row['train_loss']) < 100 and 0 < float(row['train_drloc_loss']) < 10
+
+
 @pytest.mark.usefixtures('restore_parser_defaults')
 def test_config_file_run(monkeypatch, tmp_path, image_folder):
     config = tmp_path / 'drloc.yaml'

@@ -1099,6 +1099,7 @@ def train_one_epoch(
         if batch_idx >= last_batch_idx_to_accum:
             accum_steps = last_accum_steps
         if not args.prefetcher:
+            input, target = _join_aug_splits(input, target)
             input, target = input.to(device=device, dtype=model_dtype), target.to(device=device)
             if mixup_fn is not None:
                 input, target = mixup_fn(input, target)
@@ -1182,6 +1183,15 @@ def train_one_epoch(
     if args.distributed:
         metrics = OrderedDict(zip(metrics.keys(), _mean_over_ranks(list(metrics.values()), args, device)))
     return metrics
+
+
+def _join_aug_splits(input, target: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The loader's batch as one tensor: --aug-splits without the prefetcher collates a list of (B, C, H, W)
+    batches, one per split; they are joined split after split, (splits * B, C, H, W), with the targets repeated,
+    as timm's prefetcher collate joins them (and as the JSD loss splits them)."""
+    if not isinstance(input, (list, tuple)):
+        return input, target
+    return torch.cat(input), torch.cat([target] * len(input))
 
 
 def _backward(loss: torch.Tensor, args: argparse.Namespace, task: nn.Module, optimizer: torch.optim.Optimizer,
@@ -1660,7 +1670,8 @@ def _train_epochs(
                         utils.distribute_bn(task.get_trainable_module(ema=True), args.world_size,
                                             args.dist_bn == 'reduce')
                     eval_metrics = validate(task.get_eval_model(ema=True), loader_eval, validate_loss_fn, args,
-                                            device=device, amp_autocast=amp_autocast, log_suffix=' (EMA)', task=task)
+                                            device=device, amp_autocast=amp_autocast, model_dtype=model_dtype,
+                                            log_suffix=' (EMA)', task=task)
 
             if output_dir is not None:
                 lrs = [group['lr'] for group in optimizer.param_groups]
