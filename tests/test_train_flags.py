@@ -531,6 +531,15 @@ def test_command_line_error_is_one_line_and_exit_code_2(tmp_path):
     assert 'Traceback' not in proc.stderr
 
 
+@pytest.mark.parametrize('argv, metric', [([], 'top1'), (['--task', 'multilabel'], 'map'),
+                                          (['--eval-metric', 'loss'], 'loss')])
+def test_args_yaml_names_the_metric_checkpoints_are_ranked_by(monkeypatch, argv, metric):
+    # timm's own train.py, given this args.yaml with -c, reads eval_metric as the metric's name: null breaks it
+    monkeypatch.setattr('sys.argv', ['train_drloc.py', '--data-dir', '/data', *argv])
+    _, args_text = train._parse_args()
+    assert yaml.safe_load(args_text)['eval_metric'] == metric
+
+
 @pytest.mark.usefixtures('restore_parser_defaults')
 def test_loss_entries_of_args_yaml_parse_again(monkeypatch, tmp_path):
     first = _parse(monkeypatch, '--data-dir', str(tmp_path), '--bce-loss', '--bce-pos-weight', '2')

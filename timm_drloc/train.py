@@ -554,6 +554,7 @@ def _parse_args() -> Tuple[argparse.Namespace, str]:
     args = parser.parse_args(remaining)
     _check_drloc_flags(args)
     _check_loss_flags(args)
+    args.eval_metric = _eval_metric(args)  # args.yaml names it: timm's train.py, given it with -c, needs a name
     args_text = yaml.safe_dump(args.__dict__, default_flow_style=False)
     return args, args_text
 
