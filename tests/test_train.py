@@ -13,6 +13,8 @@ import yaml
 from timm.utils import load_checkpoint_metadata
 
 import timm_drloc.train as train
+from timm_drloc import unwrap
+from timm_drloc.errors import ExitCode
 
 VIT_KWARGS = ['img_size=32', 'patch_size=8', 'depth=2', 'embed_dim=32', 'num_heads=2']  # 4x4 token grid
 
@@ -228,39 +230,102 @@ def test_resnet_run_with_signed_cbr_targets(monkeypatch, tmp_path, image_folder_
 
 # ---- reliability: non-finite losses, killed runs, corrupt checkpoints -----------------------------------
 
-def _nan_drloc_at_call(monkeypatch, bad_call: int):
-    """Make the DRLoc loss NaN on the `bad_call`-th training forward (1-based)."""
+def _poison_steps(monkeypatch, bad_calls, poison=None):
+    """Apply `poison(result)` to the training forwards whose 1-based call number is in `bad_calls` (default: the
+    DRLoc loss becomes NaN). Returns the list of the weights each call saw, one list of tensors per call."""
     build_task = train._build_task
-    calls = {'n': 0}
+    seen = []
+
+    def nan_drloc(result, task):
+        result['drloc_loss'] = result['drloc_loss'] * float('nan')
+        result['loss'] = result['task_loss'] + task.drloc_lambda * result['drloc_loss']
 
     def build(*args, **kwargs):
         task = build_task(*args, **kwargs)
         forward = task.forward
 
         def poisoned(input, target):
+            seen.append([p.detach().clone() for p in task.get_trainable_module().parameters()])
             result = forward(input, target)
-            calls['n'] += 1
-            if calls['n'] == bad_call:
-                result['drloc_loss'] = result['drloc_loss'] * float('nan')
-                result['loss'] = result['task_loss'] + task.drloc_lambda * result['drloc_loss']
+            if len(seen) in bad_calls:
+                (poison or nan_drloc)(result, task)
             return result
         task.forward = poisoned
         return task
     monkeypatch.setattr(train, '_build_task', build)
+    return seen
 
 
+@pytest.mark.parametrize('precision', [[], ['--amp', '--amp-dtype', 'bfloat16']], ids=['fp32', 'bf16-amp'])
 def test_nan_drloc_loss_stops_with_step_and_term_and_keeps_last_checkpoint(monkeypatch, tmp_path, image_folder,
-                                                                          caplog):
-    _nan_drloc_at_call(monkeypatch, bad_call=5)  # 3 batches per epoch: epoch 1, step 1
-    monkeypatch.setattr('sys.argv', _argv(image_folder, tmp_path, 'nan', '--epochs', '2', '--drloc-lambda', '0.5'))
+                                                                          caplog, precision):
+    _poison_steps(monkeypatch, {5})  # 3 batches per epoch: epoch 1, step 1
+    monkeypatch.setattr('sys.argv', _argv(image_folder, tmp_path, 'nan', '--epochs', '2', '--drloc-lambda', '0.5',
+                                          *precision))
     with pytest.raises(SystemExit) as exc:
         train.run()
-    assert exc.value.code == 3
+    assert exc.value.code == ExitCode.NON_FINITE_LOSS == 3  # no loss scaler: the first NaN stops the run
     assert 'non-finite drloc_loss at epoch 1, step 1' in caplog.text
     exp = tmp_path / 'nan'
     assert [int(r['epoch']) for r in _summary(exp)] == [0]
     assert load_checkpoint_metadata(exp / 'last.pth.tar')['epoch'] == 0
     assert (exp / 'last.pth.tar').read_bytes() == (exp / 'checkpoint-0.pth.tar').read_bytes()
+
+
+FP16_AMP = ('--amp', '--amp-dtype', 'float16')
+
+
+def test_fp16_amp_skips_a_single_inf_step_without_an_update_and_finishes(monkeypatch, tmp_path, image_folder, caplog):
+    def inf_drloc(result, task):
+        result['drloc_loss'] = result['drloc_loss'] * float('inf')
+        result['loss'] = result['task_loss'] + task.drloc_lambda * result['drloc_loss']
+    seen = _poison_steps(monkeypatch, {2}, inf_drloc)  # epoch 0, step 1
+    _run(monkeypatch, _argv(image_folder, tmp_path, 'inf', '--epochs', '2', '--drloc-lambda', '0.5', *FP16_AMP))
+    assert 'non-finite drloc_loss at epoch 0, step 1 (loss=inf): step skipped, no update' in caplog.text
+    assert 'Epoch 0: 1 of 3 steps skipped for a non-finite loss' in caplog.text
+    # the step after the skipped one sees the weights the skipped one saw: no update in between
+    assert all(torch.equal(a, b) for a, b in zip(seen[1], seen[2]))
+    assert not all(torch.equal(a, b) for a, b in zip(seen[2], seen[-1]))  # the steps after it update again
+    rows = _summary(tmp_path / 'inf')
+    assert [int(r['epoch']) for r in rows] == [0, 1]
+    assert all(0 < float(r['train_loss']) < 100 and 0 < float(r['train_drloc_loss']) < 10 for r in rows)
+    checkpoint = load_checkpoint_metadata(tmp_path / 'inf' / 'last.pth.tar')
+    assert checkpoint['epoch'] == 1 and 'amp_scaler' in checkpoint  # float16 on the CPU runs with a loss scaler
+
+
+def test_fp16_amp_nan_in_every_step_stops_after_max_nonfinite_steps_in_a_row(monkeypatch, tmp_path, image_folder,
+                                                                           caplog):
+    _poison_steps(monkeypatch, set(range(4, 100)))  # from epoch 1, step 0 on
+    monkeypatch.setattr('sys.argv', _argv(image_folder, tmp_path, 'nan16', '--epochs', '3', '--drloc-lambda', '0.5',
+                                          *FP16_AMP, '--max-nonfinite-steps', '3'))
+    with pytest.raises(SystemExit) as exc:
+        train.run()
+    assert exc.value.code == ExitCode.NON_FINITE_LOSS
+    assert 'epoch 1, step 0 (loss=nan): step skipped' in caplog.text
+    assert 'epoch 1, step 1 (loss=nan): step skipped' in caplog.text
+    assert ('non-finite drloc_loss at epoch 1, step 2 (loss=nan): 3 non-finite steps in a row '
+            '(--max-nonfinite-steps 3); training stopped') in caplog.text
+    exp = tmp_path / 'nan16'
+    assert [int(r['epoch']) for r in _summary(exp)] == [0]
+    assert load_checkpoint_metadata(exp / 'last.pth.tar')['epoch'] == 0
+
+
+def test_weights_that_turn_nan_with_a_finite_loss_are_never_checkpointed(monkeypatch, tmp_path, image_folder,
+                                                                         caplog):
+    def nan_gradients(result, task):  # the loss stays finite, its gradient does not
+        result['output'].register_hook(lambda grad: torch.full_like(grad, float('nan')))
+    _poison_steps(monkeypatch, {6}, nan_gradients)  # the last step of epoch 1
+    monkeypatch.setattr('sys.argv', _argv(image_folder, tmp_path, 'diverged', '--epochs', '3', '--drloc-lambda',
+                                          '0.5'))
+    with pytest.raises(SystemExit) as exc:
+        train.run()
+    assert exc.value.code == ExitCode.NON_FINITE_LOSS
+    assert 'the model weights became NaN / Inf in epoch 1 (at the end of the epoch)' in caplog.text
+    exp = tmp_path / 'diverged'
+    assert [int(r['epoch']) for r in _summary(exp)] == [0]
+    checkpoint = load_checkpoint_metadata(exp / 'last.pth.tar')
+    assert checkpoint['epoch'] == 0
+    assert all(torch.isfinite(v).all() for v in checkpoint['state_dict'].values())
 
 
 def test_killed_mid_epoch_then_resume_auto_finishes_each_epoch_once(monkeypatch, tmp_path, image_folder_factory):

@@ -37,21 +37,45 @@ def dumping_train_one_epoch(epoch, model, *args, task=None, **kwargs):
                os.path.join(dump_dir, f'rank{rank}-epoch{epoch}.pt'))
     return metrics
 train.train_one_epoch = dumping_train_one_epoch
+
+if 'BAD_RANK' in os.environ:  # the loss of one training forward becomes Inf on one rank only
+    build_task = train._build_task
+    def build(*args, **kwargs):
+        task = build_task(*args, **kwargs)
+        forward, calls = task.forward, []
+        def poisoned(input, target):
+            result = forward(input, target)
+            calls.append(1)
+            if rank == int(os.environ['BAD_RANK']) and len(calls) == int(os.environ['BAD_CALL']):
+                result['loss'] = result['loss'] * float('inf')
+            return result
+        task.forward = poisoned
+        return task
+    train._build_task = build
 sys.argv = ['train_drloc.py'] + sys.argv[1:]
 train.run()
 '''
 
 
-def test_torchrun_two_ranks_agree_and_log_the_mean_drloc_loss(tmp_path, image_folder):
+def _torchrun(tmp_path, image_folder, *extra, env=()):
+    """Two CPU ranks (gloo) of RANK_DUMP training the tiny ViT with DRLoc; the finished process."""
     script = tmp_path / 'rank_dump.py'
     script.write_text(RANK_DUMP)
-    env = dict(os.environ, DUMP_DIR=str(tmp_path), PYTHONPATH=str(REPO), OMP_NUM_THREADS='1')
+    env = dict(os.environ, DUMP_DIR=str(tmp_path), PYTHONPATH=str(REPO), OMP_NUM_THREADS='1', **dict(env))
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2', str(script),
            '--data-dir', str(image_folder), '--model', 'vit_tiny_patch16_224', '--model-kwargs', 'img_size=32',
            'patch_size=8', 'depth=2', 'embed_dim=32', 'num_heads=2', '--img-size', '32', '--device', 'cpu',
-           '-j', '0', '-b', '4', '--epochs', '2', '--opt', 'adamw', '--lr', '3e-3', '--warmup-epochs', '0',
-           '--no-aug', '--drloc-lambda', '0.5', '--output', str(tmp_path), '--experiment', 'ddp']
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=540, env=env)
+           '-j', '0', '-b', '4', '--opt', 'adamw', '--lr', '3e-3', '--warmup-epochs', '0',
+           '--no-aug', '--drloc-lambda', '0.5', '--output', str(tmp_path), *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=540, env=env)
+
+
+def _rank_states(tmp_path, epoch: int):
+    return [torch.load(tmp_path / f'rank{r}-epoch{epoch}.pt', weights_only=False) for r in (0, 1)]
+
+
+def test_torchrun_two_ranks_agree_and_log_the_mean_drloc_loss(tmp_path, image_folder):
+    proc = _torchrun(tmp_path, image_folder, '--epochs', '2', '--experiment', 'ddp')
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert 'Distributed training: process 1 of 2' in proc.stderr + proc.stdout
 
@@ -59,7 +83,7 @@ def test_torchrun_two_ranks_agree_and_log_the_mean_drloc_loss(tmp_path, image_fo
         rows = list(csv.DictReader(f))
     assert [int(r['epoch']) for r in rows] == [0, 1]
     for epoch, row in enumerate(rows):
-        ranks = [torch.load(tmp_path / f'rank{r}-epoch{epoch}.pt', weights_only=False) for r in (0, 1)]
+        ranks = _rank_states(tmp_path, epoch)
         # model and DRLoc heads identical on both ranks after the epoch's updates
         assert ranks[0]['state'].keys() == ranks[1]['state'].keys()
         assert any(k.startswith('heads.') for k in ranks[0]['state'])
@@ -72,3 +96,19 @@ def test_torchrun_two_ranks_agree_and_log_the_mean_drloc_loss(tmp_path, image_fo
         assert ranks[0]['epoch_end'][1] == pytest.approx(mean, rel=1e-6)
         assert float(row['train_loss']) == pytest.approx(mean[0], rel=1e-6)
         assert float(row['train_drloc_loss']) == pytest.approx(mean[1], rel=1e-6)
+
+
+def test_torchrun_an_inf_loss_on_one_rank_under_fp16_amp_is_skipped_by_both(tmp_path, image_folder):
+    # 24 images, 2 ranks, batch 4: 3 steps per epoch; rank 1's second forward (epoch 0, step 1) gives Inf
+    proc = _torchrun(tmp_path, image_folder, '--epochs', '1', '--experiment', 'ddp16', '--amp', '--amp-dtype',
+                     'float16', env={'BAD_RANK': '1', 'BAD_CALL': '2'})
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-6000:]
+    # rank 0 logs, and names where the Inf came from: not its own loss
+    assert 'non-finite loss on another rank at epoch 0, step 1 (loss=' in output
+    assert 'step skipped, no update (1 in a row' in output
+    assert 'Epoch 0: 1 of 3 steps skipped for a non-finite loss' in output
+    ranks = _rank_states(tmp_path, 0)
+    for key, value in ranks[0]['state'].items():
+        assert torch.equal(value, ranks[1]['state'][key]), key
+        assert torch.isfinite(value).all(), key

@@ -540,6 +540,14 @@ def test_args_yaml_names_the_metric_checkpoints_are_ranked_by(monkeypatch, argv,
     assert yaml.safe_load(args_text)['eval_metric'] == metric
 
 
+def test_max_nonfinite_steps_below_1_is_refused(monkeypatch, capsys):
+    args = _parse(monkeypatch, '--data-dir', '/data', '--max-nonfinite-steps', '0')
+    with pytest.raises(SystemExit) as exc:
+        train._check_run_flags(args)
+    assert exc.value.code == 2
+    assert '--max-nonfinite-steps must be >= 1, got 0' in capsys.readouterr().err
+
+
 @pytest.mark.usefixtures('restore_parser_defaults')
 def test_loss_entries_of_args_yaml_parse_again(monkeypatch, tmp_path):
     first = _parse(monkeypatch, '--data-dir', str(tmp_path), '--bce-loss', '--bce-pos-weight', '2')

@@ -11,7 +11,7 @@ class ExitCode(IntEnum):
     OK = 0
     EXPORT_FAILED = 1  # --push-to-hub / export: the Hub folder could not be written
     BAD_INPUT = 2  # a flag, config, file or model that cannot work; refused before training
-    NON_FINITE_LOSS = 3  # the loss became NaN / Inf; the checkpoints on disk are the last good ones
+    NON_FINITE_LOSS = 3  # the loss (or the weights) became NaN / Inf; the checkpoints on disk are the last good ones
     UPLOAD_FAILED = 4  # the export is kept, the upload to the Hub failed
     INTERRUPTED = 130  # Ctrl-C / SIGINT: checkpoints intact, continue with --resume
 
@@ -21,4 +21,5 @@ class ConfigError(ValueError):
 
 
 class NonFiniteLossError(FloatingPointError):
-    """A loss term became NaN or Inf; training stops, the checkpoints already written stay as they are."""
+    """A loss term (or, through it, a weight) became NaN or Inf; training stops, the checkpoints already written
+    stay as they are."""

@@ -157,6 +157,10 @@ group.add_argument('--device', default='cuda', type=str, help='device type, e.g.
 group.add_argument('--amp', action='store_true', default=False, help='automatic mixed precision')
 group.add_argument('--amp-dtype', default='float16', type=str, help='AMP dtype: float16 or bfloat16')
 group.add_argument('--model-dtype', default=None, type=str, help='model dtype without AMP (default float32)')
+group.add_argument('--max-nonfinite-steps', type=int, default=10, metavar='N',
+                   help='with the float16 loss scaler of --amp: a step whose loss is NaN / Inf is skipped, as the '
+                        'scaler skips one whose gradients overflow, and N such steps in a row stop the run (exit 3); '
+                        'without a scaler the first one stops it')
 group.add_argument('--no-ddp-bb', action='store_true', default=False, help='DDP without buffer broadcast')
 group.add_argument('--synchronize-step', action='store_true', default=False,
                    help='synchronize the device after every step (for timing)')
@@ -537,6 +541,9 @@ def _check_run_flags(args: argparse.Namespace) -> None:
         parser.error(f'--model-dtype {args.model_dtype} is not float32, float16 or bfloat16')
     if args.amp and args.amp_dtype not in ('float16', 'bfloat16'):
         parser.error(f'--amp-dtype {args.amp_dtype} is not float16 or bfloat16')
+    if args.max_nonfinite_steps < 1:
+        parser.error(f'--max-nonfinite-steps must be >= 1, got {args.max_nonfinite_steps}; it counts non-finite '
+                     f'steps in a row that stop the run (default 10)')
     if args.amp and args.model_dtype not in (None, 'float32'):
         parser.error(f'--amp needs a float32 model, got --model-dtype {args.model_dtype}; drop one of them')
     if args.drop_connect is not None:
@@ -804,13 +811,16 @@ def _place_model(
 
 def _amp(args: argparse.Namespace, device: torch.device,
          model_dtype: Optional[torch.dtype]) -> Tuple[Callable, Optional[NativeScaler]]:
-    """The autocast context for --amp (a no-op context without it), and the loss scaler float16 needs on CUDA."""
+    """The autocast context for --amp (a no-op context without it), and the loss scaler float16 needs."""
     if not args.amp:
         if utils.is_primary(args):
             _logger.info(f'AMP off, training in {model_dtype or torch.float32}.')
         return suppress, None
     amp_dtype = torch.bfloat16 if args.amp_dtype == 'bfloat16' else torch.float16
-    loss_scaler = NativeScaler(device=device.type) if device.type == 'cuda' and amp_dtype == torch.float16 else None
+    # float16 gradients underflow on the CPU as on CUDA, and torch's GradScaler works on both (timm's train.py
+    # scales on CUDA only); bfloat16 has float32's range and needs no scaler
+    scaled = amp_dtype == torch.float16 and device.type in ('cuda', 'cpu')
+    loss_scaler = NativeScaler(device=device.type) if scaled else None
     if utils.is_primary(args):
         _logger.info(f'Mixed precision training with torch.autocast ({amp_dtype}).')
     return partial(torch.autocast, device_type=device.type, dtype=amp_dtype), loss_scaler
@@ -1024,14 +1034,12 @@ class EpochProgress:
 # Train and eval loops
 # ---------------------------------------------------------------------------------------------------------
 
-def _finite_or_stop(result: Dict[str, torch.Tensor], epoch: int, batch_idx: int,
-                    args: argparse.Namespace) -> Tuple[float, Optional[float]]:
-    """This rank's (loss, drloc_loss) as floats; NonFiniteLossError, naming the step and the term, if the
-    loss is NaN or Inf on any rank.
+def _loss_values(result: Dict[str, torch.Tensor], args: argparse.Namespace) -> Tuple[bool, float, Optional[float]]:
+    """(the loss is NaN / Inf on any rank, this rank's loss, this rank's drloc_loss or None).
 
-    Runs before backward, so a bad step never reaches the optimizer. The flag and the values the meters
-    need come to the host in one transfer: one host-device sync per step (timm's loop has one too, for its
-    loss meter, when not distributed; under DDP it has none, and this adds one tiny all_reduce).
+    The flag and the values the meters need come to the host in one transfer: one host-device sync per step
+    (timm's loop has one too, for its loss meter, when not distributed; under DDP it has none, and this adds
+    one tiny all_reduce, so that every rank takes the same decision).
     """
     loss = result['loss'].detach()
     bad = (~torch.isfinite(loss)).float().reshape(1)
@@ -1040,14 +1048,65 @@ def _finite_or_stop(result: Dict[str, torch.Tensor], epoch: int, batch_idx: int,
     drloc = result.get('drloc_loss')
     parts = [bad, loss.float().reshape(1)] + ([drloc.detach().float().reshape(1)] if drloc is not None else [])
     values = torch.cat(parts).tolist()
-    if values[0] == 0:
-        return values[1], (values[2] if drloc is not None else None)
-    terms = [k for k in ('task_loss', 'drloc_loss') if k in result and not torch.isfinite(result[k]).all()]
-    term = ', '.join(terms) or ('loss' if not math.isfinite(values[1]) else 'loss on another rank')
-    raise NonFiniteLossError(
-        f'non-finite {term} at epoch {epoch}, step {batch_idx} (loss={values[1]}): training stopped; the '
-        f'checkpoints already written are untouched. Lower --lr, set --clip-grad, or lower --drloc-lambda, then '
-        f'continue with --resume')
+    return values[0] != 0, values[1], (values[2] if drloc is not None else None)
+
+
+class NonFiniteSteps:
+    """What a step whose loss is NaN / Inf does: it stops the run, or, under a loss scaler, it is skipped.
+
+    Without a loss scaler (float32, bfloat16) the first non-finite loss stops training. With float16 AMP's
+    loss scaler a non-finite step is skipped, as timm's scaler skips a step whose gradients overflow: no
+    backward, no optimizer update, one warning naming epoch, step and term; `limit` such steps in a row stop
+    the run. The streak runs on across epochs. The check runs before backward, so a bad step never reaches
+    the optimizer, and its flag is reduced over ranks, so every rank skips or stops at the same step. The
+    loss scale stays as it is: it scales the gradients, and a loss already NaN / Inf in the forward pass is
+    not its doing (the scaler still lowers it, as in timm, when finite losses give overflowing gradients).
+
+    Args:
+        limit: consecutive non-finite steps that stop the run (--max-nonfinite-steps); None: the first one.
+    """
+
+    def __init__(self, limit: Optional[int]):
+        self.limit = limit
+        self.streak = 0  # non-finite steps in a row, up to now
+        self.skipped = 0  # skipped steps in the current epoch
+
+    def check(self, result: Dict[str, torch.Tensor], epoch: int, batch_idx: int,
+              args: argparse.Namespace) -> Optional[Tuple[float, Optional[float]]]:
+        """This rank's (loss, drloc_loss) as floats, None for a step to skip; NonFiniteLossError to stop."""
+        bad, loss, drloc = _loss_values(result, args)
+        if not bad:
+            self.streak = 0
+            return loss, drloc
+        self.streak += 1
+        terms = [k for k in ('task_loss', 'drloc_loss') if k in result and not torch.isfinite(result[k]).all()]
+        term = ', '.join(terms) or ('loss' if not math.isfinite(loss) else 'loss on another rank')
+        what = f'non-finite {term} at epoch {epoch}, step {batch_idx} (loss={loss})'
+        if self.limit is None or self.streak >= self.limit:
+            streak = '' if self.limit is None else \
+                f'{self.streak} non-finite steps in a row (--max-nonfinite-steps {self.limit}); '
+            raise NonFiniteLossError(
+                f'{what}: {streak}training stopped; the checkpoints already written are untouched. Lower --lr, set '
+                f'--clip-grad, or lower --drloc-lambda, then continue with --resume')
+        self.skipped += 1
+        if utils.is_primary(args):
+            _logger.warning(f'{what}: step skipped, no update ({self.streak} in a row; '
+                            f'--max-nonfinite-steps {self.limit} in a row stop the run)')
+        return None
+
+
+def _weights_finite_or_stop(module: nn.Module, epoch: int, where: str) -> None:
+    """NonFiniteLossError when a weight of `module` is NaN / Inf, so that a diverged model is never checkpointed.
+
+    A finite loss can still send Inf gradients into the weights (float32, no scaler to catch them). Every rank
+    calls this: under DDP the weights are the same on all of them, so all stop together.
+    """
+    flags = [torch.isfinite(p.detach()).all() for p in module.parameters() if p.is_floating_point()]
+    if flags and not bool(torch.stack(flags).all()):
+        raise NonFiniteLossError(
+            f'the model weights became NaN / Inf in epoch {epoch} ({where}): training stopped before saving them; '
+            f'the checkpoints already written are untouched. Lower --lr or set --clip-grad, then continue with '
+            f'--resume')
 
 
 def train_one_epoch(
@@ -1068,8 +1127,16 @@ def train_one_epoch(
         naflex_mode: bool = False,
         scheduled_batch_mode: bool = False,
         batch_size_reference: Optional[float] = None,
+        nonfinite: Optional['NonFiniteSteps'] = None,
 ) -> 'OrderedDict[str, float]':
-    """One epoch of updates; returns the epoch's mean train loss (and mean DRLoc loss), averaged over ranks."""
+    """One epoch of updates; returns the epoch's mean train loss (and mean DRLoc loss), averaged over ranks.
+
+    `nonfinite` decides what a NaN / Inf loss does (skip or stop; its streak runs across epochs); by default
+    a new one for this epoch, skipping under a loss scaler as --max-nonfinite-steps says.
+    """
+    if nonfinite is None:
+        nonfinite = NonFiniteSteps(args.max_nonfinite_steps if loss_scaler is not None else None)
+    nonfinite.skipped = 0
     if args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
         if args.prefetcher and getattr(loader, 'mixup_enabled', False):
             loader.mixup_enabled = False
@@ -1093,6 +1160,7 @@ def train_one_epoch(
     data_start_time = update_start_time = time.time()
     optimizer.zero_grad()
     update_sample_count = 0
+    skip_update = False  # a step of this update had a non-finite loss: the update is skipped
     for batch_idx, (input, target) in enumerate(loader):
         last_batch = batch_idx == num_batches - 1
         need_update = last_batch or (batch_idx + 1) % accum_steps == 0
@@ -1116,28 +1184,35 @@ def train_one_epoch(
         def _step():
             with amp_autocast():
                 result = task(input, target)
-            floats = _finite_or_stop(result, epoch, batch_idx, args)
+            floats = nonfinite.check(result, epoch, batch_idx, args)
+            if floats is None:  # skipped: no backward
+                return floats
             loss = result['loss'] / accum_steps if accum_steps > 1 else result['loss']
             _backward(loss * loss_scale if loss_scale != 1.0 else loss, args, task, optimizer, loss_scaler,
-                      second_order, need_update)
+                      second_order, need_update and not skip_update)
             return floats
 
         if has_no_sync and not need_update:
             with task.no_sync():
-                loss_value, drloc_value = _step()
+                floats = _step()
         else:
-            loss_value, drloc_value = _step()
+            floats = _step()
 
-        losses_m.update(loss_value, batch_size)
-        if drloc_value is not None:
-            drloc_m.update(drloc_value, batch_size)
+        if floats is None:
+            skip_update = True
+        else:
+            loss_value, drloc_value = floats
+            losses_m.update(loss_value, batch_size)
+            if drloc_value is not None:
+                drloc_m.update(drloc_value, batch_size)
         update_sample_count += global_batch_size
         if not need_update:
             data_start_time = time.time()
             continue
 
         num_updates += 1
-        optimizer.zero_grad()
+        optimizer.zero_grad()  # also drops the gradients of a skipped update
+        skip_update = False
         task.update_ema(step=num_updates)
         if args.synchronize_step and device.type in ('cuda', 'npu'):
             getattr(torch, device.type).synchronize()
@@ -1168,19 +1243,23 @@ def train_one_epoch(
             torchvision.utils.save_image(input, os.path.join(output_dir, f'train-batch-{batch_idx}.jpg'),
                                          padding=0, normalize=True)
 
-        if saver is not None and args.recovery_interval and (update_idx + 1) % args.recovery_interval == 0:
-            saver.save_recovery(epoch, batch_idx=update_idx)
+        if args.recovery_interval and (update_idx + 1) % args.recovery_interval == 0:
+            _weights_finite_or_stop(model, epoch, f'before the recovery checkpoint of step {update_idx}')
+            if saver is not None:
+                saver.save_recovery(epoch, batch_idx=update_idx)
         if lr_scheduler is not None:
             lr_scheduler.step_update(num_updates=num_updates, metric=losses_m.avg)
         update_sample_count = 0
         data_start_time = time.time()
 
     progress.close()
+    if nonfinite.skipped and utils.is_primary(args):
+        _logger.warning(f'Epoch {epoch}: {nonfinite.skipped} of {num_batches} steps skipped for a non-finite loss')
     if hasattr(optimizer, 'sync_lookahead'):
         optimizer.sync_lookahead()
-    metrics = OrderedDict(loss=losses_m.avg)
-    if drloc_m.count:
-        metrics['drloc_loss'] = drloc_m.avg
+    metrics = OrderedDict(loss=losses_m.avg if losses_m.count else math.nan)  # nan: every step was skipped
+    if drloc_m.count or args.drloc_lambda > 0:
+        metrics['drloc_loss'] = drloc_m.avg if drloc_m.count else math.nan
     if args.distributed:
         metrics = OrderedDict(zip(metrics.keys(), _mean_over_ranks(list(metrics.values()), args, device)))
     return metrics
@@ -1639,6 +1718,7 @@ def _train_epochs(
 ) -> List[Dict[str, Any]]:
     """Epochs start_epoch..stop_at-1: train, evaluate, write the summary, checkpoint, step the schedule."""
     drloc_on = args.drloc_lambda > 0
+    nonfinite = NonFiniteSteps(args.max_nonfinite_steps if loss_scaler is not None else None)
     results = []
     try:
         for epoch in range(start_epoch, stop_at):
@@ -1649,7 +1729,9 @@ def _train_epochs(
                 epoch, model, loader_train, optimizer, args, task=task, device=device, lr_scheduler=lr_scheduler,
                 saver=saver, output_dir=output_dir, amp_autocast=amp_autocast, loss_scaler=loss_scaler,
                 model_dtype=model_dtype, mixup_fn=mixup_fn, naflex_mode=naflex_mode,
-                scheduled_batch_mode=scheduled_batch_mode, batch_size_reference=batch_size_reference)
+                scheduled_batch_mode=scheduled_batch_mode, batch_size_reference=batch_size_reference,
+                nonfinite=nonfinite)
+            _weights_finite_or_stop(model, epoch, 'at the end of the epoch')
             if args.distributed and args.dist_bn in ('broadcast', 'reduce'):
                 utils.distribute_bn(model, args.world_size, args.dist_bn == 'reduce')
 
