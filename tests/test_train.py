@@ -357,6 +357,65 @@ def test_killed_mid_epoch_then_resume_auto_finishes_each_epoch_once(monkeypatch,
     assert not list(exp.glob('*.tmp')) and not (exp / 'tmp.pth.tar').exists()
 
 
+def test_killed_in_epoch_0_resume_auto_continues_from_the_recovery_checkpoint(monkeypatch, tmp_path, caplog,
+                                                                              image_folder_factory):
+    data = image_folder_factory(images_per_class=16)  # 48 images, batch 4: 12 steps per epoch
+    argv = _argv(data, tmp_path, 'recover', '--epochs', '1', '--drloc-lambda', '0.5', '--resume', 'auto', '-b', '4',
+                 '--recovery-interval', '2')
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve().parents[1] / 'train_drloc.py'), *argv[1:]],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stderr:
+            if 'Train: 0 [   7/12' in line:  # recovery-0-3 and recovery-0-5 are written by now
+                proc.kill()  # SIGKILL, in the first epoch: no last.pth.tar yet
+                break
+    finally:
+        proc.kill()
+        proc.wait(timeout=60)
+    exp = tmp_path / 'recover'
+    assert not (exp / 'last.pth.tar').exists(), 'the kill did not land in epoch 0'
+    recovery = max(exp.glob('recovery-*.pth.tar'), key=lambda p: p.stat().st_mtime)
+    saved = torch.load(recovery, map_location='cpu', weights_only=False)
+
+    caplog.set_level('INFO')
+    captured = {}
+    _capture_resume(monkeypatch, captured)
+    _run(monkeypatch, argv)
+    assert captured['path'] == str(recovery)
+    for key, value in saved['task_state']['drloc_heads'].items():
+        assert torch.equal(captured['heads'][key], value), key
+    assert 'was written inside epoch 0: running epoch 0 again' in caplog.text
+    assert [int(r['epoch']) for r in _summary(exp)] == [0]
+    assert load_checkpoint_metadata(exp / 'last.pth.tar')['epoch'] == 0
+
+
+@pytest.mark.parametrize('drloc', [True, False], ids=['drloc', 'plain'])
+def test_resume_from_a_bare_state_dict_loads_its_weights_and_starts_at_epoch_0(monkeypatch, tmp_path, image_folder,
+                                                                              caplog, drloc):
+    import timm
+    kwargs = {k: int(v) for k, v in (kv.split('=') for kv in VIT_KWARGS)}
+    torch.manual_seed(1)
+    weights = timm.create_model('vit_tiny_patch16_224', num_classes=3, **kwargs).state_dict()
+    path = tmp_path / 'clean.pth'
+    torch.save(weights, path)  # what timm's clean_checkpoint.py writes: the state dict alone, no epoch
+    seen = {}
+    train_one_epoch = train.train_one_epoch
+
+    def recording_epoch(epoch, model, *args, **kw):
+        seen.setdefault(epoch, {k: v.clone() for k, v in unwrap(model).state_dict().items()})
+        return train_one_epoch(epoch, model, *args, **kw)
+    monkeypatch.setattr(train, 'train_one_epoch', recording_epoch)
+    caplog.set_level('INFO')
+    _run(monkeypatch, _argv(image_folder, tmp_path, 'bare', '--epochs', '1', '--resume', str(path),
+                            *(['--drloc-lambda', '0.5'] if drloc else [])))
+    assert list(seen) == [0]
+    assert all(torch.equal(seen[0][k], v) for k, v in weights.items())
+    assert [int(r['epoch']) for r in _summary(tmp_path / 'bare')] == [0]
+    fresh_heads = 'holds model weights only (no epoch, optimizer or DRLoc heads): loaded them; training starts ' \
+                  'at epoch 0 with fresh DRLoc heads'
+    assert (fresh_heads in caplog.text) == drloc
+
+
 def test_resume_auto_skips_a_corrupt_last_checkpoint(monkeypatch, tmp_path, image_folder, caplog):
     common = ('--epochs', '3', '--drloc-lambda', '0.5', '--resume', 'auto')
     _run(monkeypatch, _argv(image_folder, tmp_path, 'corrupt', *common, '--stop-epoch', '2'))

@@ -39,7 +39,7 @@ from timm.layers import convert_splitbn_model, convert_sync_batchnorm, set_fast_
 from timm.data import MultiLabelTarget
 from timm.data.readers.targets import TARGET_FORMATS
 from timm.loss import LOSS_TYPES, create_classification_loss, load_class_stats, resolve_class_weights
-from timm.models import create_model, resolve_model_input_args, safe_model_name
+from timm.models import clean_state_dict, create_model, resolve_model_input_args, safe_model_name
 from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.task import (
@@ -48,6 +48,7 @@ from timm.task import (
 )
 from timm.task.evaluator import ClassificationEvaluator, MultiLabelClassificationEvaluator, evaluation_sample_limit
 from timm.utils import NativeScaler, load_checkpoint_metadata
+from timm.utils.model import unwrap_model
 
 from timm_drloc.errors import ConfigError, ExitCode, NonFiniteLossError
 from timm_drloc.hub import add_push_args, check_push_args, push_after_training
@@ -610,39 +611,61 @@ class AtomicCheckpointSaver(utils.CheckpointSaver):
         os.replace(tmp, dst)
 
 
-def _readable_checkpoint(path: str) -> Optional[str]:
-    """None when `path` loads as a training checkpoint, else why it does not."""
+def _readable_checkpoint(path: str, weights_only_ok: bool = False) -> Optional[str]:
+    """None when `path` loads as a training checkpoint (with `weights_only_ok`, also as a model state dict
+    without an epoch, as timm's clean_checkpoint.py writes), else why it does not."""
     try:
         meta = load_checkpoint_metadata(path)
     except Exception as e:  # truncated zip, pickle refused by weights_only, ...
         return f'{type(e).__name__}: {e}'.splitlines()[0]
-    if not isinstance(meta, dict) or 'epoch' not in meta:
-        return 'no epoch entry, not a training checkpoint'
-    return None
+    if isinstance(meta, dict) and 'epoch' in meta:
+        return None
+    if weights_only_ok and _is_weights_only(meta):
+        return None
+    return 'no epoch entry, not a training checkpoint' + (' nor a model state dict' if weights_only_ok else '')
+
+
+def _is_weights_only(checkpoint: Any) -> bool:
+    """A checkpoint without an epoch that timm resumes as model weights: a bare state dict (name -> tensor), or
+    one under 'state_dict' / 'model'."""
+    if not isinstance(checkpoint, dict) or not checkpoint or 'epoch' in checkpoint:
+        return False
+    state_dict = checkpoint.get('state_dict', checkpoint.get('model', checkpoint))
+    return isinstance(state_dict, dict) and bool(state_dict) and all(torch.is_tensor(v) for v in state_dict.values())
+
+
+def _is_recovery(path: str) -> bool:
+    """A recovery-E-B checkpoint (--recovery-interval), written inside epoch E after its update B."""
+    stem = os.path.basename(path)[:-len(CHECKPOINT_EXT)] if path.endswith(CHECKPOINT_EXT) else ''
+    parts = stem.split('-')
+    return len(parts) == 3 and parts[0] == 'recovery' and parts[1].isdigit() and parts[2].isdigit()
 
 
 def _auto_resume_path(exp_dir: str) -> Optional[str]:
-    """The newest readable checkpoint of an experiment folder (last, else checkpoint-N / milestone-N), or None."""
-    last = os.path.join(exp_dir, 'last' + CHECKPOINT_EXT)
-    if not os.path.exists(last):
+    """The newest readable checkpoint of an experiment folder, or None when it has none.
+
+    Candidates are last, checkpoint-N, milestone-N and the recovery-E-B files --recovery-interval writes
+    inside an epoch (so a run killed in its first epoch continues from one), newest written first; `last`
+    wins a tie with the checkpoint-N that is its copy.
+    """
+    if not os.path.isdir(exp_dir):
         return None
-    problem = _readable_checkpoint(last)
-    if problem is None:
-        return last
-    _logger.warning(f'--resume auto: {last} is unreadable ({problem}); looking for the newest good checkpoint')
     candidates = []
     for name in os.listdir(exp_dir):
         stem = name[:-len(CHECKPOINT_EXT)] if name.endswith(CHECKPOINT_EXT) else ''
         prefix, _, number = stem.rpartition('-')
-        if prefix in ('checkpoint', 'milestone') and number.isdigit():
+        if stem == 'last' or (prefix in ('checkpoint', 'milestone') and number.isdigit()) or _is_recovery(name):
             path = os.path.join(exp_dir, name)
-            candidates.append((os.path.getmtime(path), path))
-    for _, path in sorted(candidates, reverse=True):
+            candidates.append((os.path.getmtime(path), stem == 'last', path))
+    if not candidates:
+        return None
+    for rank, (_, _, path) in enumerate(sorted(candidates, reverse=True)):
         problem = _readable_checkpoint(path)
         if problem is None:
-            _logger.warning(f'--resume auto: continuing from {path}')
+            if rank or _is_recovery(path):
+                _logger.warning(f'--resume auto: continuing from {path}')
             return path
-        _logger.warning(f'--resume auto: {path} is unreadable too ({problem})')
+        _logger.warning(f'--resume auto: {path} is unreadable ({problem}); trying the next newest checkpoint')
     raise ConfigError(f'--resume auto: no readable checkpoint in {exp_dir}; move the folder away to start fresh, '
                       f'or give --resume a good checkpoint')
 
@@ -660,12 +683,47 @@ def _resolve_resume(args: argparse.Namespace, exp_dir: str) -> Tuple[str, bool]:
     if not os.path.isfile(args.resume):
         raise ConfigError(f'--resume {args.resume}: no such file; give the path of a .pth.tar checkpoint, or '
                           f'--resume auto with --experiment')
-    problem = _readable_checkpoint(args.resume)
+    problem = _readable_checkpoint(args.resume, weights_only_ok=True)
     if problem is not None:
         raise ConfigError(f'--resume {args.resume}: cannot read this checkpoint ({problem}); it may be truncated, '
                           f'corrupt or not a training checkpoint. Resume from an earlier checkpoint-N.pth.tar')
     same_dir = os.path.abspath(os.path.dirname(args.resume)) == os.path.abspath(exp_dir)
     return args.resume, same_dir
+
+
+def _resume_checkpoint(
+        args: argparse.Namespace,
+        task: nn.Module,
+        path: str,
+        optimizer: torch.optim.Optimizer,
+        loss_scaler: Optional[NativeScaler],
+) -> Tuple[Optional[int], bool]:
+    """Load a --resume checkpoint into the task with timm's resume_task_checkpoint.
+
+    Returns (the epoch to start at, None for 0; whether the file also seeds the EMA). Two kinds of file get
+    more than timm's function gives them: a checkpoint without an epoch (a bare state dict, as timm's
+    clean_checkpoint.py writes) holds model weights only, and with DRLoc on and no heads in it the heads start
+    fresh (timm would refuse the missing task state); a recovery-E-B file was written inside epoch E, so the run
+    repeats epoch E from its start (timm would skip the rest of it).
+    """
+    meta = load_checkpoint_metadata(path)
+    task_state = meta.get('task_state') if isinstance(meta.get('task_state'), dict) else {}
+    if _is_weights_only(meta) and args.drloc_lambda > 0 and 'drloc_heads' not in task_state:
+        state_dict = clean_state_dict(meta.get('state_dict', meta.get('model', meta)))
+        unwrap_model(task.get_eval_model()).load_state_dict(state_dict)
+        if utils.is_primary(args):
+            _logger.info(f'--resume {path} holds model weights only (no epoch, optimizer or DRLoc heads): loaded '
+                         f'them; training starts at epoch 0 with fresh DRLoc heads')
+        return None, False
+    epoch = resume_task_checkpoint(
+        task, path, optimizer=None if args.no_resume_opt else optimizer,
+        loss_scaler=None if args.no_resume_opt else loss_scaler, log_info=utils.is_primary(args))
+    if epoch is not None and _is_recovery(path):
+        epoch = int(meta['epoch'])
+        if utils.is_primary(args):
+            _logger.info(f'--resume {path} was written inside epoch {epoch}: running epoch {epoch} again from its '
+                         f'start, with the weights of the recovery checkpoint')
+    return epoch, True
 
 
 def _trim_summary(path: str, start_epoch: int) -> None:
@@ -1482,14 +1540,10 @@ def main() -> int:
 
     output_dir = _experiment_dir(args, data_config['input_size'])
     resume_path, in_place = _resolve_resume(args, output_dir)
-    resume_epoch = None
+    resume_epoch, resume_ema = None, False
     if resume_path:
         try:
-            resume_epoch = resume_task_checkpoint(
-                task, resume_path,
-                optimizer=None if args.no_resume_opt else optimizer,
-                loss_scaler=None if args.no_resume_opt else loss_scaler,
-                log_info=utils.is_primary(args))
+            resume_epoch, resume_ema = _resume_checkpoint(args, task, resume_path, optimizer, loss_scaler)
         except (RuntimeError, ValueError, KeyError) as e:  # another model, other DRLoc heads, other optimizer
             raise ConfigError(f'--resume {resume_path} does not fit this run ({str(e).splitlines()[0]}); resume '
                               f'with the flags the checkpoint was trained with (see args.yaml next to it)') from e
@@ -1497,7 +1551,7 @@ def main() -> int:
     if args.model_ema:  # after device placement, before DDP
         task.setup_ema(decay=args.model_ema_decay, use_warmup=args.model_ema_warmup,
                        device='cpu' if args.model_ema_force_cpu else None)
-        if resume_path:
+        if resume_ema:
             load_task_ema_checkpoint(task, resume_path)
 
     if args.torchcompile:
