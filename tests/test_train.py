@@ -358,7 +358,7 @@ train.run()
 
 
 def test_ctrl_c_exits_130_in_one_line_with_checkpoints_intact_and_nothing_uploaded(tmp_path, image_folder_factory):
-    data = image_folder_factory(images_per_class=16)  # 48 images, batch 2: 24 steps per epoch
+    data = image_folder_factory()  # 24 images, batch 2: 12 steps per epoch
     calls = tmp_path / 'hub_calls.txt'
     argv = _argv(data, tmp_path, 'ctrl-c', '--epochs', '3', '--drloc-lambda', '0.5', '-b', '2',
                  '--push-to-hub', 'someone/r')[1:]
@@ -369,7 +369,7 @@ def test_ctrl_c_exits_130_in_one_line_with_checkpoints_intact_and_nothing_upload
     try:
         for line in proc.stderr:
             lines.append(line)
-            if 'Train: 1 [   1/24' in line:
+            if 'Train: 1 [   1/12' in line:
                 proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
                 break
         out, rest = proc.communicate(timeout=120)
