@@ -1,8 +1,9 @@
-"""Shared fixtures: small generated ImageFolder datasets (train/ and validation/ splits) in tmp dirs, and
-restoring the training parser after a -c/--config run."""
+"""Shared fixtures: small generated ImageFolder datasets (train/ and validation/ splits) in tmp dirs,
+restoring the training parser after a -c/--config run, and a Hub that no test reaches."""
 from pathlib import Path
 from typing import Callable, Sequence
 
+import huggingface_hub
 import numpy as np
 import pytest
 from PIL import Image
@@ -59,3 +60,12 @@ def restore_parser_defaults():
     train.parser._defaults = saved[0]
     for action, default in saved[1]:
         action.default = default
+
+
+@pytest.fixture(autouse=True)
+def offline_hub(monkeypatch):
+    """No test reaches the Hugging Face Hub: the token check (HfApi.whoami) answers as on a machine without
+    network. Tests that need another answer replace it at the same boundary."""
+    def whoami(api, *args, **kwargs):
+        raise ConnectionError('no network in the test suite')
+    monkeypatch.setattr(huggingface_hub.HfApi, 'whoami', whoami)

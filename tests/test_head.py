@@ -171,3 +171,18 @@ def test_runtime_1x1_grid_is_refused():
     head = DRLocHead(8, (4, 4), hidden_dim=16)
     with pytest.raises(ValueError, match='1x1'):
         head(torch.randn(2, 1, 1, 8))
+
+
+def test_numpy_integer_settings_are_accepted_as_integers():
+    import numpy as np
+    head = DRLocHead(8, (4, 4), num_samples=np.int64(16), hidden_dim=np.int16(8))
+    assert (head.num_samples, head.mlp[0].out_features) == (16, 8)
+    assert torch.isfinite(head(torch.randn(2, 4, 4, 8)))
+
+
+def test_memory_estimate_counts_weights_and_pair_activations():
+    from timm_drloc.head import head_memory
+    # l1 head on one 4x4x8 grid, hidden 16: (2*8+1)*16 + (16+1)*16 + (16+1)*2 = 578 parameters
+    memory = head_memory([(8, (4, 4))], hidden_dim=16, num_samples=10, batch_size=3)
+    assert memory.weights == 578 * 4 * 4  # float32 weights, gradients and two Adam moments
+    assert memory.activations == 4 * 30 * (2 * 8 + 4 * 16 + 2) + 8 * 4 * 30  # 30 pairs, and their positions

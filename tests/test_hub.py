@@ -436,3 +436,49 @@ def test_bare_drloc_model_state_dict_exports_backbone_without_heads(run, tmp_pat
     tensors = safetensors.torch.load_file(str(out / 'model.safetensors'))
     assert set(tensors) == set(run.model.state_dict())
     torch.testing.assert_close(tensors['head.weight'], run.model.state_dict()['head.weight'])
+
+
+def hub_answers_whoami(monkeypatch, status: int = 200):
+    """HfApi.whoami as the Hub answers it: the account for a valid token, HfHubHTTPError for a rejected one."""
+    from types import SimpleNamespace
+
+    def whoami(api, *args, **kwargs):
+        if status != 200:  # the response the Hub client attaches (status, headers, request)
+            response = SimpleNamespace(status_code=status, headers={}, request=None)
+            raise huggingface_hub.errors.HfHubHTTPError('Invalid user token.', response=response)
+        return {'name': 'someone'}
+    monkeypatch.setattr(huggingface_hub.HfApi, 'whoami', whoami)
+
+
+def test_token_the_hub_rejects_refuses_to_start_training(monkeypatch):
+    monkeypatch.setenv('HF_TOKEN', 'hf_test_secret_value')
+    hub_answers_whoami(monkeypatch, status=401)
+
+    with pytest.raises(ValueError, match=r'--push-to-hub someone/repo: the Hub rejects the Hugging Face token '
+                                         r'\(401 Unauthorized.*Training was not started') as exc:
+        hub.check_push_args(training_args(push_to_hub='someone/repo'))
+    assert 'hf_test_secret_value' not in str(exc.value)
+
+
+def test_token_checked_offline_is_reported_unverified_and_training_goes_on(monkeypatch, caplog):
+    monkeypatch.setenv('HF_TOKEN', 'hf_test_secret_value')  # whoami: no network (conftest)
+
+    with caplog.at_level(logging.WARNING):
+        hub.check_push_args(training_args(push_to_hub='someone/repo'))
+    assert '--push-to-hub someone/repo: the Hugging Face token could not be verified now' in caplog.text
+    assert 'hf_test_secret_value' not in caplog.text
+    hub_answers_whoami(monkeypatch)
+    caplog.clear()
+    hub.check_push_args(training_args(push_to_hub='someone/repo'))
+    assert 'could not be verified' not in caplog.text
+
+
+def test_card_states_the_lambda_reached_when_the_warmup_outlasts_the_run():
+    args = {'epochs': 4, 'drloc_lambda': 0.5, 'drloc_warmup_epochs': 10, 'drloc_decay': False}
+    rows = [{'epoch': str(e), 'drloc_lambda': str(0.5 * e / 10)} for e in range(4)]  # 0 .. 0.15
+
+    recipe = hub.training_recipe(args, rows)
+    assert recipe['DRLoc lambda'] == 0.5
+    assert recipe['DRLoc lambda reached'] == '0.15 (the warm-up never reached 0.5)'
+    reached_rows = [{'epoch': str(e), 'drloc_lambda': '0.5'} for e in range(4)]
+    assert 'DRLoc lambda reached' not in hub.training_recipe(args, reached_rows)

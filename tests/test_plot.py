@@ -79,3 +79,28 @@ def test_summary_with_header_only_says_to_wait_for_an_epoch(tmp_path):
     folder = write_experiment(tmp_path, 'fresh', 'epoch,train_loss,eval_top1\n')
     with pytest.raises(ValueError, match='no epoch rows'):
         read_summary(folder)
+
+
+def test_output_name_without_extension_gets_png_and_the_message_names_the_file(tmp_path, capsys):
+    drloc = write_experiment(tmp_path, 'drloc', DRLOC_CSV)
+    assert cli.main(['plot', drloc, '-o', str(tmp_path / 'curves')]) == 0
+    assert capsys.readouterr().out.strip() == f'wrote {tmp_path / "curves.png"}'
+    assert png_size(tmp_path / 'curves.png')[0] > 0
+
+
+def test_output_folder_gets_the_default_file_inside_it(tmp_path, capsys):
+    drloc = write_experiment(tmp_path, 'drloc', DRLOC_CSV)
+    folder = tmp_path / 'plots'
+    folder.mkdir()
+    assert cli.main(['plot', drloc, '-o', str(folder)]) == 0
+    assert capsys.readouterr().out.strip() == f'wrote {folder / "drloc_curves.png"}'
+    assert png_size(folder / 'drloc_curves.png')[0] > 0 and not (tmp_path / 'plots.png').exists()
+
+
+def test_binary_summary_is_refused_naming_the_file(tmp_path, capsys):
+    folder = tmp_path / 'broken'
+    folder.mkdir()
+    (folder / 'summary.csv').write_bytes(b'\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xfe\x00')
+    assert cli.main(['plot', str(folder), '-o', str(tmp_path / 'x.png')]) == 2
+    err = capsys.readouterr().err
+    assert f"'{folder / 'summary.csv'}' is not a readable summary.csv" in err and 'Traceback' not in err

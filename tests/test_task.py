@@ -58,7 +58,7 @@ def test_set_lambda_changes_the_weight_and_rejects_negative():
     _, task = make_task(drloc_lambda=0.5)
     task.set_drloc_lambda(0.25)
     assert task.drloc_lambda == 0.25
-    with pytest.raises(ValueError, match=r'DRLoc lambda must be a number >= 0, got -1.*Use 0 to turn DRLoc off'):
+    with pytest.raises(ValueError, match=r'DRLoc lambda must be a finite number >= 0, got -1.*Use 0 to turn DRLoc off'):
         task.set_drloc_lambda(-1)
 
 
@@ -133,3 +133,33 @@ def test_reference_schedule_warmup_then_decay(epoch, expected):
 def test_schedule_constant_by_default_and_warmup_alone_then_flat():
     assert [drloc_lambda_at(e, 0.5, 10) for e in (0, 5, 9)] == [0.5, 0.5, 0.5]
     assert [drloc_lambda_at(e, 0.5, 10, warmup_epochs=4) for e in (0, 2, 4, 9)] == [0.0, 0.25, 0.5, 0.5]
+
+
+@pytest.mark.parametrize('value', [float('inf'), float('nan'), True])
+def test_infinite_or_non_numeric_lambda_is_refused_at_construction_and_by_the_setter(value):
+    with pytest.raises(ValueError, match='DRLoc lambda must be a finite number >= 0'):
+        make_task(drloc_lambda=value)
+    _, task = make_task(drloc_lambda=0.5)
+    with pytest.raises(ValueError, match='DRLoc lambda must be a finite number >= 0'):
+        task.set_drloc_lambda(value)
+    assert task.drloc_lambda == 0.5
+
+
+class DictOutputModel(torch.nn.Module):
+    """A model whose forward returns a dict, as some detection-style or multi-head models do."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = torch.nn.Conv2d(3, 8, 3, stride=4, padding=1)
+        self.fc = torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        return {'logits': self.fc(self.features(x).mean((2, 3))), 'aux': x.mean()}
+
+
+def test_a_model_returning_a_dict_gets_a_clear_error_from_the_task():
+    task = DRLocTask(DictOutputModel(), layers=['features'], input_size=(3, 32, 32), hidden_dim=8, verbose=False)
+    task.train()
+    with pytest.raises(ValueError, match=r"DictOutputModel's forward returns a dict \(keys \['logits', 'aux'\]\), "
+                                         r"not the logits tensor"):
+        task(*batch())

@@ -3,6 +3,9 @@ import copy
 import io
 import csv
 import json
+import os
+import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -484,3 +487,132 @@ def test_multilabel_run_reports_map_and_f1_instead_of_top1(monkeypatch, tmp_path
     assert 'eval_top1' not in row
     assert ('train_drloc_loss' in row) == drloc
     assert (tmp_path / 'ml' / 'model_best.pth.tar').is_file()
+
+
+# ---- interruptions, a reused experiment folder, a full disk, damaged images --------------------------------
+
+TRAIN_WITH_FAKE_HUB = r'''
+import sys
+from pathlib import Path
+import huggingface_hub
+
+calls = Path(sys.argv[1])  # the Hub is the one thing mocked, at its HfApi boundary: every call is recorded
+
+def recorded(name, answer):
+    def method(api, *args, **kwargs):
+        with calls.open('a') as f:
+            f.write(name + '\n')
+        return answer
+    return method
+
+huggingface_hub.HfApi.whoami = recorded('whoami', {'name': 'someone'})
+huggingface_hub.HfApi.create_repo = recorded('create_repo', huggingface_hub.RepoUrl('https://huggingface.co/someone/r'))
+huggingface_hub.HfApi.upload_folder = recorded('upload_folder', None)
+from timm_drloc import train
+sys.argv = ['train_drloc.py', *sys.argv[2:]]
+train.run()
+'''
+
+
+def test_ctrl_c_exits_130_in_one_line_with_checkpoints_intact_and_nothing_uploaded(tmp_path, image_folder_factory):
+    data = image_folder_factory()  # 24 images, batch 2: 12 steps per epoch
+    calls = tmp_path / 'hub_calls.txt'
+    argv = _argv(data, tmp_path, 'ctrl-c', '--epochs', '3', '--drloc-lambda', '0.5', '-b', '2',
+                 '--push-to-hub', 'someone/r')[1:]
+    env = dict(os.environ, HF_TOKEN='hf_not_a_real_token')
+    proc = subprocess.Popen([sys.executable, '-c', TRAIN_WITH_FAKE_HUB, str(calls), *argv], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines = []
+    try:
+        for line in proc.stderr:
+            lines.append(line)
+            if 'Train: 1 [   1/12' in line:
+                proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
+                break
+        out, rest = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    err = ''.join(lines) + rest
+    assert proc.returncode == ExitCode.INTERRUPTED == 130
+    last_line = err.strip().splitlines()[-1]
+    assert re.search(r'interrupted at epoch 1, step \d+; continue with the same command and --resume auto$', last_line)
+    assert err.count('interrupted') == 1 and 'Traceback' not in err and 'Best metric' not in err
+    assert '--result' not in out
+    exp = tmp_path / 'ctrl-c'
+    assert load_checkpoint_metadata(exp / 'last.pth.tar')['epoch'] == 0
+    assert (exp / 'last.pth.tar').read_bytes() == (exp / 'checkpoint-0.pth.tar').read_bytes()
+    assert [int(r['epoch']) for r in _summary(exp)] == [0]
+    assert not list(exp.glob('*tmp*'))
+    assert calls.read_text().split() == ['whoami']  # the token was checked; nothing exported or uploaded
+    assert not (exp / 'hub_export').exists()
+
+
+def test_second_fresh_run_moves_the_first_aside_whole(monkeypatch, tmp_path, image_folder, caplog):
+    common = ('--drloc-lambda', '0.5', '--checkpoint-hist', '1')
+    _run(monkeypatch, _argv(image_folder, tmp_path, 'exp', '--epochs', '2', *common))
+    first = {p.name: p.read_bytes() for p in (tmp_path / 'exp').iterdir()}
+    _run(monkeypatch, _argv(image_folder, tmp_path, 'exp', '--epochs', '1', *common))
+
+    moved = tmp_path / 'exp.1'
+    assert {p.name: p.read_bytes() for p in moved.iterdir()} == first  # every file of the first run, unchanged
+    assert [int(r['epoch']) for r in _summary(moved)] == [0, 1]
+    assert [int(r['epoch']) for r in _summary(tmp_path / 'exp')] == [0]
+    assert sorted(p.name for p in (tmp_path / 'exp').glob('checkpoint-*')) == ['checkpoint-0.pth.tar']
+    assert (f'{tmp_path / "exp"} already held a run: it is now in {moved}, and this fresh run starts in '
+            f'{tmp_path / "exp"}; to continue the earlier run instead, pass --resume auto --experiment exp.1'
+            in caplog.text)
+
+
+def test_full_disk_at_a_save_exits_2_saying_no_space_and_leaves_no_temporary_file(monkeypatch, tmp_path,
+                                                                                   image_folder, caplog):
+    exp = tmp_path / 'full'
+    exp.mkdir()
+    os.symlink('/dev/full', exp / 'tmp.pth.tar')  # the checkpoint's temporary file: every write hits ENOSPC
+    monkeypatch.setattr('sys.argv', _argv(image_folder, tmp_path, 'full', '--epochs', '1', '--drloc-lambda', '0.5'))
+    with pytest.raises(SystemExit) as exc:
+        train.run()
+    assert exc.value.code == 2
+    assert f'error: no space left on the device while writing a checkpoint in {exp}' in caplog.text
+    assert not os.path.lexists(exp / 'tmp.pth.tar') and not (exp / 'last.pth.tar').exists()
+    assert not list(exp.glob('*tmp*'))
+
+
+def _damage(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])  # a truncated download
+
+
+def test_truncated_image_is_skipped_with_its_path_named(monkeypatch, tmp_path, image_folder, caplog):
+    broken = image_folder / 'train' / 'class_1' / '3.png'
+    _damage(broken)
+    _run(monkeypatch, _argv(image_folder, tmp_path, 'skip', '--epochs', '1'))
+    assert f'cannot read image {broken} (OSError: image file is truncated' in caplog.text
+    assert [int(r['epoch']) for r in _summary(tmp_path / 'skip')] == [0]
+
+
+def test_split_of_unreadable_images_is_refused_before_training_naming_files(monkeypatch, tmp_path, image_folder):
+    for path in (image_folder / 'train').rglob('*.png'):
+        _damage(path)
+    monkeypatch.setattr('sys.argv', _argv(image_folder, tmp_path, 'corrupt', '--epochs', '1'))
+    with pytest.raises(ValueError) as exc:
+        train.main()
+    message = str(exc.value)
+    assert message.startswith(f'{image_folder / "train"}: none of its first 10 images can be read, e.g. '
+                              f'{image_folder / "train" / "class_0" / "0.png"} (image file is truncated)')
+    assert not (tmp_path / 'corrupt').exists()
+
+
+def test_damaged_stretch_met_by_loader_workers_ends_in_one_line_exit_2(tmp_path, image_folder_factory):
+    data = image_folder_factory(images_per_class=12)
+    for path in (data / 'validation' / 'class_1').glob('*.png'):
+        _damage(path)  # 12 unreadable images in a row in validation/, met by a worker process
+    argv = _argv(data, tmp_path, 'stretch', '--epochs', '1', '-j', '2')[1:]
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / 'train_drloc.py'), *argv],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if 'error:' in line]  # the other worker may still warn
+    assert len(errors) == 1 and errors[0].endswith(
+        'error: images in a row could not be read (each is named in a "Skipped sample" warning above): replace or '
+        'remove the damaged files, then run again (with --resume to continue)')
+    assert 'Traceback' not in proc.stderr
+    assert f'cannot read image {data / "validation" / "class_1" / "0.png"}' in proc.stderr

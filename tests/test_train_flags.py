@@ -1,4 +1,5 @@
 """Flag parity with timm's train.py, YAML configs, and bad input failing before any training step."""
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -409,7 +410,7 @@ BAD_INPUT = {
                             'bad.pth.tar: cannot read this checkpoint'),
     'resume pickled code': (lambda d, t: _vit_args(d, '--resume', str(_crafted_checkpoint(
         t / 'evil.pth.tar', t / 'marker.txt'))), 'evil.pth.tar: cannot read this checkpoint'),
-    'empty data dir': (lambda d, t: _vit_args(_mkdir(t / 'empty' / 'train')), 'Found 0 images'),
+    'empty data dir': (lambda d, t: _vit_args(_mkdirs(t / 'empty', 'train', 'validation')), 'Found 0 images'),
     'resume from a non-DRLoc run': (lambda d, t: _vit_args(d, '--drloc-lambda', '0.5', '--num-classes', '3',
                                                            '--resume', str(_plain_checkpoint(t))),
                                     'plain.pth.tar does not fit this run (The checkpoint has no DRLoc head state'),
@@ -425,6 +426,22 @@ BAD_INPUT = {
                                             '--loss-class-weight 1,2 has 2 entries but the model has 3 classes'),
     'cuda asked on a CPU machine': (lambda d, t: _vit_args(d, '--device', 'cuda'),
                                     'pass --device cpu'),
+    # --initial-checkpoint is read with --resume's checks and messages
+    'initial checkpoint missing': (lambda d, t: _vit_args(d, '--initial-checkpoint', str(t / 'gone.pth.tar')),
+                                   '--initial-checkpoint ' + '{t}/gone.pth.tar: no such file'),
+    'initial checkpoint is a folder': (lambda d, t: _vit_args(d, '--initial-checkpoint', str(t)),
+                                       '--initial-checkpoint {t} is a folder; give a checkpoint file in it'),
+    'initial checkpoint empty': (lambda d, t: _vit_args(d, '--initial-checkpoint', str(_write(t / 'empty.pth', b''))),
+                                 '--initial-checkpoint {t}/empty.pth: cannot read this checkpoint'),
+    'initial checkpoint pickled code': (lambda d, t: _vit_args(d, '--initial-checkpoint', str(_crafted_checkpoint(
+        t / 'evil.pth.tar', t / 'marker.txt'))), '--initial-checkpoint {t}/evil.pth.tar: cannot read this checkpoint'),
+    'initial checkpoint of another architecture': (
+        lambda d, t: _vit_args(d, '--initial-checkpoint', str(_plain_checkpoint(t)), model_kwargs=(
+            'img_size=32', 'patch_size=8', 'depth=1', 'embed_dim=48', 'num_heads=2')),
+        '--initial-checkpoint {t}/plain.pth.tar does not fit this run (Error(s) in loading state_dict'),
+    # the 1x1 grid's hint is the one the README gives: a larger --img-size
+    'image too small for a grid names --img-size': (lambda d, t: _vit_args(d, '--drloc-lambda', '0.5', model_kwargs=(
+        'img_size=8', 'patch_size=8', 'depth=1', 'embed_dim=32', 'num_heads=2')), 'a larger --img-size with'),
 }
 
 
@@ -470,9 +487,10 @@ def test_missing_data_dir_is_reported_after_the_model_is_built(monkeypatch, tmp_
         train.main()
 
 
-def _mkdir(path: Path) -> Path:
-    path.mkdir(parents=True)
-    return path.parent
+def _mkdirs(root: Path, *names: str) -> Path:
+    for name in names:
+        (root / name).mkdir(parents=True)
+    return root
 
 
 def _plain_checkpoint(tmp_path: Path) -> Path:
@@ -502,7 +520,7 @@ def test_bad_input_fails_before_training_with_a_clear_message(monkeypatch, tmp_p
                                      '--output', str(tmp_path / 'out'), '--experiment', 'bad'])
     with pytest.raises(ValueError) as exc:
         train.main()
-    assert message in str(exc.value)
+    assert message.format(t=tmp_path) in str(exc.value)
     assert not (tmp_path / 'out' / 'bad' / 'summary.csv').exists()
     assert not (tmp_path / 'marker.txt').exists(), 'a pickled object in a checkpoint ran code'
 
@@ -554,3 +572,184 @@ def test_loss_entries_of_args_yaml_parse_again(monkeypatch, tmp_path):
     loss_keys = ('bce_loss', 'bce_pos_weight', 'loss', 'loss_pos_weight')
     again = _parse_config(monkeypatch, tmp_path, {k: getattr(first, k) for k in loss_keys})
     assert (again.loss, again.loss_pos_weight, again.bce_pos_weight) == ('bce', '2.0', 2.0)
+
+
+# ---- timm's own number flags, the output folder and configs: refused before anything is built ---------------
+
+class _ModelBuilt(Exception):
+    """Raised by a stand-in create_model: the run got as far as building the model."""
+
+
+def _main_before_the_model(monkeypatch, *argv):
+    """main() with these flags, stopped with _ModelBuilt if it ever reaches create_model."""
+    monkeypatch.setattr(train, 'create_model', lambda *a, **k: (_ for _ in ()).throw(_ModelBuilt()))
+    monkeypatch.setattr('sys.argv', ['train_drloc.py', '--device', 'cpu', *argv])
+    train.main()
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['--lr', 'nan'], '--lr must be a finite number > 0, got nan'),
+    (['--lr', '0'], '--lr must be a finite number > 0, got 0.0'),
+    (['--epochs', '0'], '--epochs must be >= 1 (epochs to train), got 0'),
+    (['-b', '0'], '-b/--batch-size must be >= 1 (images per step and process), got 0'),
+    (['-vb', '0'], '-vb/--validation-batch-size must be >= 1'),
+    (['--log-interval', '0'], '--log-interval must be >= 1 (updates between log lines), got 0'),
+    (['--checkpoint-hist', '0'], '--checkpoint-hist must be >= 1'),
+    (['-j', '-1'], '-j/--workers must be >= 0'),
+    (['--smoothing', '1'], '--smoothing is the share of the target spread over the other classes, so it must be in '
+                           '[0, 1), got 1.0'),
+    (['--smoothing', '-0.1'], 'must be in [0, 1), got -0.1'),
+    (['--std', '0.2', '0', '0.2'], '--std divides each channel, so every value must be a finite number > 0'),
+    (['--img-size', '0'], '--img-size must be >= 1 (input size in pixels), got 0'),
+    (['--start-epoch', '-1'], '--start-epoch must be >= 0'),
+    (['--mixup', '0.8', '-b', '7'], 'mixup / cutmix mix each image of a batch with another one, so batch sizes must '
+                                    'be even, got 7; use 8'),
+    (['--cutmix', '1.0', '-b', '8', '--train-img-sizes', '32', '64', '--train-batch-sizes', '8', '5'],
+     'batch sizes must be even, got 5'),
+])
+def test_timm_number_flags_out_of_range_exit_2_before_the_model_is_built(monkeypatch, tmp_path, capsys, argv,
+                                                                        message):
+    with pytest.raises(SystemExit) as exc:
+        _main_before_the_model(monkeypatch, '--data-dir', str(tmp_path), *argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_output_that_is_a_file_is_refused_before_the_model_is_built(monkeypatch, tmp_path, image_folder):
+    output = tmp_path / 'out'
+    output.write_text('not a folder')
+    with pytest.raises(ValueError, match=rf'--output {output}: {output} is a file, not a folder'):
+        _main_before_the_model(monkeypatch, '--data-dir', str(image_folder), '--output', str(output))
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason='root writes in any folder: permissions cannot be tested as root')
+def test_output_folder_without_write_permission_is_refused_before_the_model_is_built(monkeypatch, tmp_path,
+                                                                                     image_folder):
+    output = tmp_path / 'locked'
+    output.mkdir(mode=0o555)
+    with pytest.raises(ValueError, match=rf'--output {output}: cannot write in {output} \(permission denied\)'):
+        _main_before_the_model(monkeypatch, '--data-dir', str(image_folder), '--output', str(output))
+
+
+@pytest.mark.usefixtures('restore_parser_defaults')
+def test_binary_config_file_exits_2_naming_the_file(monkeypatch, tmp_path, capsys):
+    path = tmp_path / 'weights.bin'
+    path.write_bytes(b'\x89PNG\r\n\x1a\n' + bytes(range(256)))
+    with pytest.raises(SystemExit) as exc:
+        _parse(monkeypatch, '-c', str(path), '--data-dir', str(tmp_path))
+    assert exc.value.code == 2
+    assert f'config {path} is not valid YAML' in capsys.readouterr().err
+
+
+# 9 aliases of 9 aliases ... 6 levels deep: 1 KB of YAML that writes out as 531441 strings
+ALIAS_BOMB = 'a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]\n' + ''.join(
+    f'{n}: &{n} [*{p},*{p},*{p},*{p},*{p},*{p},*{p},*{p},*{p}]\n' for p, n in zip('abcde', 'bcdef'))
+
+
+@pytest.mark.usefixtures('restore_parser_defaults')
+def test_yaml_alias_bomb_is_refused_in_a_short_message(monkeypatch, tmp_path, capsys):
+    path = tmp_path / 'bomb.yaml'
+    path.write_text(ALIAS_BOMB + 'lr: *f\n')  # and a type error: lr takes one number
+    assert len(path.read_bytes()) < 1100
+    with pytest.raises(SystemExit) as exc:
+        _parse(monkeypatch, '-c', str(path), '--data-dir', str(tmp_path))
+    assert exc.value.code == 2
+    err = capsys.readouterr().err  # argparse's usage, then the error line
+    assert f'config {path} expands to more than 10000 values' in err
+    assert len(err) < len(train.parser.format_usage()) + 500
+
+
+@pytest.mark.usefixtures('restore_parser_defaults')
+def test_a_long_config_value_is_cut_in_the_error_message(monkeypatch, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        _parse_config(monkeypatch, tmp_path, dict(lr=list(range(5000))))
+    err = capsys.readouterr().err  # argparse's usage, then the error line
+    assert 'lr=[0, 1, 2, 3, ...] must be a single value, not a list' in err
+    assert len(err) < len(train.parser.format_usage()) + 500
+
+
+# ---- data splits: named before the model is built; a missing split or other classes are refused ----------
+
+def test_missing_validation_folder_is_refused_naming_the_folder_and_the_flag(monkeypatch, image_folder_factory):
+    data = image_folder_factory(splits=('train', 'test'))  # the common train/ + test/ layout
+    with pytest.raises(ValueError) as exc:
+        _main_before_the_model(monkeypatch, '--data-dir', str(data))
+    assert str(exc.value) == (
+        f"--val-split validation: there is no validation/ folder in {data} (it holds test/, train/), and timm "
+        f"would read all of {data} in its place; pass --val-split test to read test/, or --val-split . to read "
+        f"{data} itself, or --val-split '' to train without validation")
+
+
+def test_missing_train_folder_is_refused_naming_the_flag(monkeypatch, image_folder_factory):
+    data = image_folder_factory(splits=('validation',))
+    with pytest.raises(ValueError, match=rf'--train-split train: there is no train/ folder in {data} \(it holds '
+                                         rf'validation/\)'):
+        _main_before_the_model(monkeypatch, '--data-dir', str(data))
+
+
+def test_split_folders_are_named_in_the_log_before_the_model_is_built(monkeypatch, image_folder_factory, caplog):
+    data = image_folder_factory(splits=('train', 'test'))
+    caplog.set_level('INFO')
+    with pytest.raises(_ModelBuilt):
+        _main_before_the_model(monkeypatch, '--data-dir', str(data), '--val-split', 'test')
+    assert f'Data: training on {data / "train"}, validating on {data / "test"}.' in caplog.text
+
+
+def test_dataset_root_is_read_when_asked_for_explicitly(monkeypatch, tmp_path, image_folder_factory, caplog):
+    data = image_folder_factory(splits=('train',))
+    root_classes = tmp_path / 'flat'  # class folders straight in the root: read it with --train-split .
+    (data / 'train').rename(root_classes)
+    monkeypatch.setattr(train, 'train_one_epoch', _no_training)
+    monkeypatch.setattr('sys.argv', ['train_drloc.py', *_vit_args(root_classes, '--train-split', '.',
+                                                                   '--val-split', ''), '--output', str(tmp_path)])
+    caplog.set_level('INFO')
+    with pytest.raises(AssertionError, match='training started'):
+        train.main()
+    assert f"Data: training on {root_classes}/., validating on nothing (--val-split is empty)." in caplog.text
+
+
+def test_splits_with_other_class_folders_are_refused_naming_the_classes(monkeypatch, tmp_path, image_folder_factory):
+    data = image_folder_factory(num_classes=3, splits=('train', 'validation'))
+    (data / 'validation' / 'class_2').rename(data / 'validation' / 'class_9')
+    monkeypatch.setattr(train, 'train_one_epoch', _no_training)
+    monkeypatch.setattr('sys.argv', ['train_drloc.py', *_vit_args(data), '--output', str(tmp_path / 'out')])
+    with pytest.raises(ValueError, match=rf'the splits hold different classes \(only in {data}/train: class_2; '
+                                         rf'only in {data}/validation: class_9\)'):
+        train.main()
+    assert not (tmp_path / 'out').exists()
+
+
+# ---- DRLoc heads too large, lambda warm-up longer than the run ---------------------------------------------
+
+@pytest.mark.parametrize('flag', ['--drloc-samples', '--drloc-hidden-dim'])
+def test_head_sizes_that_cannot_fit_are_refused_with_the_numbers_before_the_run_folder(monkeypatch, tmp_path,
+                                                                                     image_folder, flag):
+    monkeypatch.setattr(train, 'train_one_epoch', _no_training)
+    monkeypatch.setattr('sys.argv', ['train_drloc.py', *_vit_args(image_folder, '--drloc-lambda', '0.5', flag,
+                                                                  '1000000000'),
+                                     '--output', str(tmp_path / 'out'), '--experiment', 'big'])
+    with pytest.raises(ValueError) as exc:
+        train.main()
+    message = str(exc.value)
+    assert f'{flag} 1000000000' in message and 'the DRLoc heads would need about' in message
+    assert 'TiB' in message or 'PiB' in message
+    assert 'of the cpu device; lower them (the reference uses --drloc-hidden-dim 512 --drloc-samples 64)' in message
+    assert not (tmp_path / 'out' / 'big').exists()
+
+
+class _TrainingStarted(Exception):
+    pass
+
+
+def test_warmup_as_long_as_the_run_is_warned_at_start_with_the_lambda_reached(monkeypatch, tmp_path, image_folder,
+                                                                             caplog):
+    def started(*args, **kwargs):
+        raise _TrainingStarted()
+    monkeypatch.setattr(train, 'train_one_epoch', started)
+    monkeypatch.setattr('sys.argv', ['train_drloc.py', *_vit_args(image_folder, '--drloc-lambda', '0.5',
+                                                                  '--drloc-warmup-epochs', '4', '--epochs', '2'),
+                                     '--warmup-epochs', '0', '--output', str(tmp_path)])
+    with pytest.raises(_TrainingStarted):
+        train.main()
+    assert ('--drloc-warmup-epochs 4 is not shorter than the 2-epoch schedule: lambda only ramps up to 0.125, never '
+            'the asked --drloc-lambda 0.5') in caplog.text

@@ -389,3 +389,63 @@ def test_heads_take_the_dtype_of_a_low_precision_model_and_the_loss_is_float32(m
     assert logits.dtype == dtype and drloc_loss.dtype == torch.float32 and torch.isfinite(drloc_loss)
     drloc_loss.backward()
     assert all(p.grad is not None and p.grad.dtype == dtype for p in drloc.heads.parameters())
+
+
+# ---- bad input to wrap() and DRLocModel: one clear error each ----------------------------------------------
+
+@pytest.mark.parametrize('mode', ['eval', 'train'])
+def test_wrapper_takes_the_mode_of_the_model_it_wraps(mode):
+    model, x = make('resnet')
+    getattr(model, mode)()
+    drloc = wrap(model, hidden_dim=16, input_size=(3, 64, 64))
+    assert drloc.training == model.training == (mode == 'train')
+    assert all(h.training == model.training for h in drloc.heads.modules())
+    if mode == 'eval':
+        assert torch.equal(drloc(x), model(x))  # an eval wrapper returns the plain logits
+
+
+def test_attention_tensor_named_in_layers_is_not_read_as_a_grid():
+    # q_norm outputs (B, heads, tokens, head_dim) = (1, 2, 17, 16) here: close to a 17x16 NCHW map of 2 channels
+    model = timm.create_model('vit_tiny_patch16_224', img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2,
+                              num_classes=3)
+    with pytest.raises(ValueError, match=r'\(1, 2, 17, 16\) for an input of \(32, 32\) is not a spatial grid'):
+        wrap(model, layers=['blocks.1.attn.q_norm'], hidden_dim=8)
+    assert wrap(model, layers=['blocks.1'], hidden_dim=8).sources[0].grid_size == (4, 4)  # the tokens still are
+
+
+def test_empty_layers_list_is_refused_with_its_own_message():
+    with pytest.raises(ValueError, match=r"layers=\[\] names no module.*layers=None"):
+        wrap(TinyCNN(), layers=[], input_size=(3, 32, 32))
+
+
+def test_a_layer_named_twice_is_refused():
+    with pytest.raises(ValueError, match=r"layers names \['features'\] more than once"):
+        wrap(TinyCNN(), layers=['features', 'features'], input_size=(3, 32, 32))
+
+
+def test_numpy_integers_are_valid_sample_and_width_counts():
+    import numpy as np
+    drloc = wrap(TinyCNN(), layers=['features'], input_size=(3, 32, 32), num_samples=np.int64(16),
+                 hidden_dim=np.int32(8))
+    head = drloc.heads[0]
+    assert head.num_samples == 16 and type(head.num_samples) is int and head.mlp[0].out_features == 8
+    _, loss = drloc(torch.randn(2, 3, 32, 32))
+    assert torch.isfinite(loss)
+
+
+def test_an_image_without_its_batch_dimension_is_refused_naming_the_layout():
+    drloc = wrap(TinyCNN(), layers=['features'], input_size=(3, 32, 32), hidden_dim=8)
+    with pytest.raises(ValueError, match=r'needs a batch of images, \(B, C, H, W\), got a 3-D input of shape '
+                                         r'\(3, 32, 32\)\. Add the batch dimension with x.unsqueeze\(0\)'):
+        drloc(torch.randn(3, 32, 32))
+
+
+@pytest.mark.parametrize('setting', [dict(hidden_dim=10 ** 9), dict(num_samples=10 ** 13)],
+                         ids=['hidden_dim', 'num_samples'])
+def test_heads_larger_than_the_device_memory_are_refused_before_allocation(setting):
+    from timm_drloc.head import HeadTooLargeError, device_memory
+    with pytest.raises(HeadTooLargeError) as exc:
+        wrap(TinyCNN(), layers=['features'], input_size=(3, 32, 32), **setting)
+    assert exc.value.memory.total > exc.value.available == device_memory(torch.device('cpu'))
+    name, value = next(iter(setting.items()))
+    assert f'{name}={value}' in str(exc.value) and 'the reference uses 512 and 64' in str(exc.value)

@@ -17,7 +17,21 @@ class ExitCode(IntEnum):
 
 
 class ConfigError(ValueError):
-    """A flag, config value or input that cannot work; raised before any training step runs."""
+    """A flag, config value or input that cannot work; raised before any training step runs where it can be
+    found then (damaged images and a full disk are found later, and end with the same status)."""
+
+
+class UnreadableImagesError(ConfigError):
+    """Images in a row could not be read: the data has a damaged stretch.
+
+    The message is fixed and names no file (each skipped file was named in its own warning): raised in a
+    DataLoader worker, the error reaches the main process rebuilt from its text alone, so it carries nothing
+    that would not survive that trip.
+    """
+
+    def __init__(self, *_: object):
+        super().__init__('images in a row could not be read (each is named in a "Skipped sample" warning above): '
+                         'replace or remove the damaged files, then run again (with --resume to continue)')
 
 
 class NonFiniteLossError(FloatingPointError):

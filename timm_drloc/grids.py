@@ -130,7 +130,7 @@ def find_layout(
         candidates = [num_prefix_tokens] if num_prefix_tokens is not None else []
         for prefix in dict.fromkeys(candidates + [0, _square_prefix(length)]):
             grid = _token_grid(length - prefix, input_hw)
-            if grid is not None:
+            if grid is not None and _looks_spatial(grid, input_hw):
                 return 'NLC', prefix, grid
         raise ValueError(
             f"Tokens of shape {tuple(shape)} do not form a grid for an input of {tuple(input_hw)}, with "
@@ -150,12 +150,22 @@ def _token_grid(spatial: int, input_hw: Tuple[int, int]) -> Optional[Tuple[int, 
 
 
 def _looks_spatial(hw: Tuple[int, int], input_hw: Tuple[int, int]) -> bool:
-    """True when (h, w) is the input size divided by one common stride (allowing padding / rounding)."""
-    h, w = hw
-    if h < 1 or w < 1 or h > input_hw[0] or w > input_hw[1]:
+    """True when (h, w) is the input size divided by one common stride s >= 1, rounded the same way on both axes.
+
+    Convolutions and patch embeddings round every axis alike: down (h = floor(H / s), no padding) or up
+    (h = ceil(H / s), padding). An attention tensor (B, heads, N, head_dim) whose N and head_dim happen to be
+    near the same size fits neither for one s (17 x 16 from a 32 x 32 input), so it is not read as a grid.
+    """
+    (h, w), (height, width) = hw, input_hw
+    if h < 1 or w < 1:
         return False
-    stride = input_hw[0] / h
-    return abs(input_hw[1] / stride - w) <= 1 and stride >= 1
+    # floor: s in (H / (h + 1), H / h] on each axis; ceil: s in [H / h, H / (h - 1)), unbounded for h = 1
+    floor_low, floor_high = max(height / (h + 1), width / (w + 1)), min(height / h, width / w)
+    if floor_low < floor_high and floor_high >= 1:
+        return True
+    ceil_low = max(height / h, width / w, 1)
+    ceil_high = min(height / (h - 1) if h > 1 else math.inf, width / (w - 1) if w > 1 else math.inf)
+    return ceil_low < ceil_high
 
 
 def _square_prefix(length: int) -> int:

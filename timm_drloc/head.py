@@ -5,7 +5,9 @@ device. The two embeddings are gathered straight from the (B, H, W, C) view (no 
 host round-trip, no loop over the batch), concatenated and fed to a small MLP that predicts the
 offset (i - p, j - h): as two numbers (`l1`) or as one class per possible offset and axis (`ce`, `cbr`).
 """
-from typing import Tuple
+import numbers
+import os
+from typing import NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -89,6 +91,7 @@ class DRLocHead(nn.Module):
         super().__init__()
         check_head_args(mode, num_samples, hidden_dim, normalize)
         check_grid_size(grid_size)
+        num_samples, hidden_dim = int(num_samples), int(hidden_dim)  # numpy integers too
         self.mode = mode
         self.num_samples = num_samples
         self.use_abs = use_abs
@@ -180,13 +183,18 @@ class DRLocHead(nn.Module):
                 f"normalize={self.normalize}, grid_size={self.grid_size}")
 
 
+def _is_count(value) -> bool:
+    """An integer >= 1, Python's or numpy's (not a bool)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
+
+
 def check_head_args(mode: str, num_samples: int, hidden_dim: int, normalize: bool) -> None:
     """Reject head settings that cannot work, naming the value and the fix."""
     if mode not in MODES:
         raise ValueError(f"Unknown DRLoc mode '{mode}'. Use one of {', '.join(MODES)}.")
-    if not isinstance(num_samples, int) or num_samples < 1:
+    if not _is_count(num_samples):
         raise ValueError(f"num_samples must be an integer >= 1 (pairs per image), got {num_samples!r}. The reference uses 64.")
-    if not isinstance(hidden_dim, int) or hidden_dim < 1:
+    if not _is_count(hidden_dim):
         raise ValueError(f"hidden_dim must be an integer >= 1, got {hidden_dim!r}. The reference uses 512.")
     if normalize and mode == 'ce':
         raise ValueError(
@@ -201,3 +209,104 @@ def check_grid_size(grid_size: Tuple[int, int]) -> None:
         raise ValueError(
             f"The feature grid is {height}x{width}: a single cell has no relative position to localize. "
             f"Use a larger input size (more cells at the final stride) or read an earlier stage with layers=[...].")
+
+
+class HeadMemory(NamedTuple):
+    """Bytes a training step's DRLoc heads hold: weights with their gradients and Adam state, and activations."""
+    weights: int
+    activations: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.activations
+
+
+def head_memory(
+        grids: Sequence[Tuple[int, Tuple[int, int]]],
+        hidden_dim: int,
+        num_samples: int,
+        mode: str = 'l1',
+        use_abs: bool = True,
+        batch_size: int = 1,
+) -> HeadMemory:
+    """An estimate (within a small factor) of the memory of one DRLoc head per grid in float32 training.
+
+    Args:
+        grids: (channels C, (H, W)) of each grid.
+        hidden_dim, num_samples, mode, use_abs: the head settings.
+        batch_size: images per step.
+
+    Returns:
+        HeadMemory: weights x 4 (weights, gradients, two Adam moments); activations of the B x M pairs (the
+        gathered cells, the MLP's pre- and post-activations, the outputs) and the sampled positions.
+    """
+    weights = activations = 0
+    pairs = batch_size * num_samples
+    for channels, grid_size in grids:
+        out_dim = 2 if mode == 'l1' else hidden_dim
+        params = (2 * channels + 1) * hidden_dim + (hidden_dim + 1) * hidden_dim + (hidden_dim + 1) * out_dim
+        if mode != 'l1':
+            params += sum((hidden_dim + 1) * num_offsets(size, use_abs) for size in grid_size)
+        weights += 4 * 4 * params
+        activations += 4 * pairs * (2 * channels + 4 * hidden_dim + out_dim) + 8 * 4 * pairs
+    return HeadMemory(weights, activations)
+
+
+def device_memory(device: torch.device) -> Optional[int]:
+    """Total memory in bytes of a CUDA device, or of the host for the CPU; None for other devices."""
+    if device.type == 'cuda':
+        return torch.cuda.get_device_properties(device).total_memory
+    if device.type == 'cpu':
+        return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+    return None
+
+
+def memory_text(size: float) -> str:
+    """Bytes as a short human figure: '512 MiB', '1.9 TiB'."""
+    for unit in ('B', 'KiB', 'MiB', 'GiB', 'TiB'):
+        if size < 1024:
+            return f'{size:.3g} {unit}'
+        size /= 1024
+    return f'{size:.3g} PiB'
+
+
+class HeadTooLargeError(ValueError):
+    """The DRLoc heads' estimated memory exceeds the whole memory of their device.
+
+    Attributes:
+        memory: the estimate (HeadMemory); available: the device's bytes; device: the device; batch_size: the
+        images per step the estimate is for.
+    """
+
+    def __init__(self, memory: HeadMemory, available: int, device: torch.device, hidden_dim: int, num_samples: int,
+                 batch_size: int):
+        self.memory, self.available, self.device, self.batch_size = memory, available, device, batch_size
+        super().__init__(
+            f"The DRLoc heads would need about {memory_text(memory.total)} ({memory_text(memory.weights)} for the "
+            f"weights with hidden_dim={hidden_dim}, {memory_text(memory.activations)} of activations for "
+            f"num_samples={num_samples} pairs x {batch_size} image(s)), more than the {memory_text(available)} "
+            f"of {device.type}. Lower hidden_dim or num_samples (the reference uses 512 and 64).")
+
+
+def check_head_memory(
+        grids: Sequence[Tuple[int, Tuple[int, int]]],
+        hidden_dim: int,
+        num_samples: int,
+        mode: str,
+        use_abs: bool,
+        device: torch.device,
+        batch_size: int = 1,
+) -> HeadMemory:
+    """Refuse heads that cannot fit their device before any of their memory is allocated.
+
+    Returns:
+        The estimate (see head_memory).
+
+    Raises:
+        HeadTooLargeError: the estimate exceeds the device's total memory.
+    """
+    memory = head_memory(grids, hidden_dim, num_samples, mode, use_abs, batch_size)
+    available = device_memory(device)
+    if available is not None and memory.total > available:
+        raise HeadTooLargeError(memory, available, device, hidden_dim, num_samples, batch_size)
+    return memory

@@ -22,6 +22,7 @@ training (no token -> it refuses to start) and `push_after_training(args, output
 import argparse
 import csv
 import logging
+import math
 import os
 import shutil
 import sys
@@ -314,6 +315,19 @@ def _summary_results(rows: List[Dict[str, str]], epoch: Optional[int]) -> Dict[s
     return results
 
 
+def _lambda_reached(rows: Sequence[Dict[str, str]]) -> Optional[float]:
+    """The largest DRLoc lambda in summary.csv's drloc_lambda column (None without one)."""
+    values = []
+    for row in rows:
+        try:
+            value = float(row.get('drloc_lambda'))
+        except (TypeError, ValueError):
+            continue
+        if math.isfinite(value):
+            values.append(value)
+    return max(values) if values else None
+
+
 def training_recipe(
         args: Dict[str, Any],
         summary_rows: Sequence[Dict[str, str]] = (),
@@ -337,6 +351,9 @@ def training_recipe(
             recipe[label] = args[key]
     if args.get('drloc_lambda') is not None:
         recipe['DRLoc lambda schedule'] = _schedule_text(args) if args['drloc_lambda'] else 'DRLoc off (lambda 0)'
+        reached = _lambda_reached(summary_rows)
+        if reached is not None and reached < args['drloc_lambda']:  # a warm-up as long as the run
+            recipe['DRLoc lambda reached'] = f"{reached:g} (the warm-up never reached {args['drloc_lambda']:g})"
     if args.get('drloc_signed') is not None:
         recipe['DRLoc offsets'] = 'signed' if args['drloc_signed'] else 'absolute (reference code)'
     if args.get('drloc_normalize') is not None:
@@ -622,13 +639,32 @@ def check_push_args(args: argparse.Namespace) -> None:
 
 
 def require_token(repo_id: str, consequence: str = '') -> None:
-    """Raise a ValueError when huggingface_hub finds no token (HF_TOKEN, `hf auth login`); the token is not kept."""
-    from huggingface_hub import get_token
+    """Raise a ValueError when huggingface_hub finds no token (HF_TOKEN, `hf auth login`) or the Hub rejects it
+    (checked with whoami); warn when it cannot be checked (no network). The token is not kept or shown."""
+    from huggingface_hub import HfApi, get_token
+    from huggingface_hub.errors import HfHubHTTPError
     if not get_token():
         raise ValueError(
             f"--push-to-hub {repo_id} needs a Hugging Face token and none was found. Set the HF_TOKEN "
             f"environment variable or run `hf auth login` (huggingface-cli login) first, or drop --push-to-hub "
             f"and upload later. {consequence}".rstrip())
+    try:
+        HfApi().whoami()
+    except HfHubHTTPError as e:
+        if getattr(e.response, 'status_code', None) == 401:
+            raise ValueError(
+                f"--push-to-hub {repo_id}: the Hub rejects the Hugging Face token (401 Unauthorized: invalid or "
+                f"expired). Set a valid HF_TOKEN (it wins over `hf auth login`) or log in again with "
+                f"`hf auth login --force`. {consequence}".rstrip()) from None
+        _token_unverified(repo_id, e)
+    except Exception as e:  # no network, offline mode, a Hub outage: the upload at the end will tell
+        _token_unverified(repo_id, e)
+
+
+def _token_unverified(repo_id: str, error: Exception) -> None:
+    _logger.warning(f"--push-to-hub {repo_id}: the Hugging Face token could not be verified now "
+                    f"({type(error).__name__}: the Hub did not answer); going on, but the upload at the end may "
+                    f"fail (the export would then be kept for a later upload).")
 
 
 def _is_rank_zero(args: argparse.Namespace) -> bool:

@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from .grids import (
     LAYOUTS, GridSource, default_input_size, feature_modules, find_layout, resolve_module, to_grid)
-from .head import DRLocHead, check_grid_size, check_head_args
+from .head import DRLocHead, check_grid_size, check_head_args, check_head_memory
 
 
 # backbone attributes that training code reads from the module it trains
@@ -66,6 +66,8 @@ class DRLocModel(nn.Module):
         self.heads = nn.ModuleList(heads)
         self.sources = list(sources)
         self.route = route
+        self.training = model.training  # the wrapper (and its heads) take the backbone's mode
+        self.heads.train(model.training)
         # one capture object per hooked module; deepcopy (EMA) copies them together with the model's hooks
         self._captures = [GridCapture(s.output_index) for s in self.sources] if route == 'hooks' else []
         self._hook_handles = [
@@ -76,6 +78,10 @@ class DRLocModel(nn.Module):
         """x: (B, C, H, W) images. Train mode: DRLocOutput(logits, drloc_loss); eval mode: logits."""
         if not self.training:
             return self.model(x)
+        if x.ndim != 4:
+            raise ValueError(f"DRLocModel needs a batch of images, (B, C, H, W), got a {x.ndim}-D input of shape "
+                             f"{tuple(x.shape)}" + (". Add the batch dimension with x.unsqueeze(0)." if x.ndim == 3
+                                                    else "."))
         logits, features = self.forward_with_grids(x)
         input_hw = tuple(x.shape[-2:])
         loss = sum(
@@ -200,14 +206,15 @@ def wrap(
     if len(input_size) != 3:
         raise ValueError(f"input_size must be (C, H, W), got {input_size}.")
     sources, route = probe_grids(model, input_size, multiscale=multiscale, layers=layers, layout=layout)
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device('cpu')
+    # the heads live where the grids are, in the model's dtype (--model-dtype bfloat16)
+    dtype = param.dtype if param is not None and param.is_floating_point() else None
+    check_head_memory([(s.num_chs, s.grid_size) for s in sources], hidden_dim, num_samples, mode, use_abs, device)
     heads = [
         DRLocHead(s.num_chs, s.grid_size, mode=mode, num_samples=num_samples, use_abs=use_abs,
-                  normalize=normalize, hidden_dim=hidden_dim)
+                  normalize=normalize, hidden_dim=hidden_dim).to(device=device, dtype=dtype)
         for s in sources]
-    param = next(model.parameters(), None)
-    if param is not None:  # the heads live where the grids are, in the model's dtype (--model-dtype bfloat16)
-        dtype = param.dtype if param.is_floating_point() else None
-        heads = [h.to(device=param.device, dtype=dtype) for h in heads]
     return DRLocModel(model, sources, heads, route)
 
 
@@ -226,6 +233,12 @@ def probe_grids(
     if layers is not None:
         if isinstance(layers, str):
             layers = [layers]
+        if not layers:
+            raise ValueError("layers=[] names no module. Name the grid module(s) as model.named_modules() lists "
+                             "them, e.g. layers=['blocks.11'], or leave layers=None to use timm's feature_info.")
+        repeated = sorted({n for n in layers if list(layers).count(n) > 1})
+        if repeated:
+            raise ValueError(f"layers names {repeated} more than once; name each grid module once.")
         names, hints, route = list(layers), [{} for _ in layers], 'hooks'
         for name in names:
             resolve_module(model, name)

@@ -54,8 +54,12 @@ def read_summary(folder: str, name: Optional[str] = None) -> Experiment:
         raise ValueError(
             f"'{folder}' has no {SUMMARY}. Pass the experiment folder that train_drloc.py / timm's train.py "
             f"wrote (it holds {SUMMARY} after the first epoch).")
-    with open(path, newline='') as f:
-        rows = list(csv.DictReader(f))
+    try:
+        with open(path, newline='') as f:
+            rows = list(csv.DictReader(f))
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise ValueError(f"'{path}' is not a readable summary.csv ({type(e).__name__}: it holds binary or damaged "
+                         f"data). Pass an experiment folder written by train_drloc.py / timm's train.py.") from None
     if not rows:
         raise ValueError(f"'{path}' has a header but no epoch rows yet: wait for the first epoch to finish.")
     columns = {key: [_to_float(row.get(key)) for row in rows] for key in rows[0] if key}
@@ -69,8 +73,20 @@ def _to_float(value: Optional[str]) -> float:
         return math.nan
 
 
+DEFAULT_OUTPUT = 'drloc_curves.png'
+
+
+def output_path(out_path: str) -> str:
+    """The file a plot is written to: `out_path`, `out_path/drloc_curves.png` for a folder, `.png` added to a
+    name without an extension (as matplotlib would add it)."""
+    if os.path.isdir(out_path):
+        return os.path.join(out_path, DEFAULT_OUTPUT)
+    return out_path if os.path.splitext(out_path)[1] else out_path + '.png'
+
+
 def plot_experiments(experiments: Sequence[Experiment], out_path: str, title: Optional[str] = None) -> str:
-    """Draw the four panels for `experiments` into the PNG `out_path`; returns out_path."""
+    """Draw the four panels for `experiments` into the PNG `out_path` (see output_path); returns the file written."""
+    out_path = output_path(out_path)
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
@@ -107,7 +123,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog='timm-drloc plot', description='Plot the summary.csv curves of experiment folders into one PNG.')
     parser.add_argument('experiments', nargs='+', metavar='EXPERIMENT_DIR', help='folders holding a summary.csv')
-    parser.add_argument('-o', '--output', default='drloc_curves.png', help='PNG to write (default: drloc_curves.png)')
+    parser.add_argument('-o', '--output', default=DEFAULT_OUTPUT,
+                        help=f'PNG to write, or a folder to write {DEFAULT_OUTPUT} in (default: {DEFAULT_OUTPUT})')
     parser.add_argument('--names', nargs='+', default=None, help='legend names, one per folder (default: folder names)')
     parser.add_argument('--title', default=None, help='figure title')
     return parser.parse_args(argv)

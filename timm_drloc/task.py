@@ -5,6 +5,8 @@ heads), the eval model is the plain backbone, and the heads are task state, kept
 state_dict, so every checkpoint `state_dict` is a plain timm state dict.
 """
 import logging
+import math
+import numbers
 from typing import Any, Callable, Dict, Optional, Sequence, Union
 
 import torch
@@ -40,9 +42,10 @@ def drloc_lambda_at(
 
 
 def check_drloc_lambda(value: float) -> float:
-    if not isinstance(value, (int, float)) or value != value or value < 0:
+    """`value` as a float when it is a finite number >= 0 (an infinite weight turns every weight into NaN)."""
+    if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
         raise ValueError(
-            f"DRLoc lambda must be a number >= 0, got {value!r}. Use 0 to turn DRLoc off; "
+            f"DRLoc lambda must be a finite number >= 0, got {value!r}. Use 0 to turn DRLoc off; "
             f"the paper uses 0.5 for Swin and 0.1 for T2T / CvT.")
     return float(value)
 
@@ -185,6 +188,13 @@ class DRLocTask(TrainingTask):
             out = DRLocOutput(*out)
         if not isinstance(out, DRLocOutput):
             raise RuntimeError("DRLocTask needs the trainable module in train mode (call task.train()).")
+        if not torch.is_tensor(out.logits):
+            backbone = _find_drloc(self.trainable_module).model
+            kind = f'a dict (keys {list(out.logits)[:5]})' if isinstance(out.logits, dict) else \
+                f'a {type(out.logits).__name__}'
+            raise ValueError(f"{type(backbone).__name__}'s forward returns {kind}, not the logits tensor the "
+                             f"classification loss needs. Give DRLocTask a model whose forward returns the logits "
+                             f"(e.g. a small nn.Module that calls it and returns the logits entry).")
         task_loss = self.criterion(out.logits, target)
         return {
             'loss': task_loss + self.drloc_lambda * out.drloc_loss,

@@ -15,16 +15,19 @@ Module-level names follow timm's train.py (`parser`, `config_parser`, `_parse_ar
 import argparse
 import copy
 import csv
+import errno
 import importlib
 import json
 import logging
 import math
 import os
+import reprlib
 import shutil
 import sys
 import time
 from collections import OrderedDict
-from contextlib import suppress
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -39,7 +42,7 @@ from timm.layers import convert_splitbn_model, convert_sync_batchnorm, set_fast_
 from timm.data import MultiLabelTarget
 from timm.data.readers.targets import TARGET_FORMATS
 from timm.loss import LOSS_TYPES, create_classification_loss, load_class_stats, resolve_class_weights
-from timm.models import clean_state_dict, create_model, resolve_model_input_args, safe_model_name
+from timm.models import clean_state_dict, create_model, load_checkpoint, resolve_model_input_args, safe_model_name
 from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.task import (
@@ -50,7 +53,9 @@ from timm.task.evaluator import ClassificationEvaluator, MultiLabelClassificatio
 from timm.utils import NativeScaler, load_checkpoint_metadata
 from timm.utils.model import unwrap_model
 
+from timm_drloc.data import check_first_images, check_same_classes, name_unreadable_images, split_folder
 from timm_drloc.errors import ConfigError, ExitCode, NonFiniteLossError
+from timm_drloc.head import HeadTooLargeError, check_head_memory, memory_text
 from timm_drloc.hub import add_push_args, check_push_args, push_after_training
 
 try:
@@ -385,6 +390,39 @@ del group, scripting_group
 # Parsing and checks that need no data, model or device
 # ---------------------------------------------------------------------------------------------------------
 
+_SHOWN_VALUE = reprlib.Repr()  # a repr cut at every level: a config value may be huge
+_SHOWN_VALUE.maxlevel, _SHOWN_VALUE.maxstring, _SHOWN_VALUE.maxother = 2, 60, 60
+_SHOWN_VALUE.maxlist = _SHOWN_VALUE.maxtuple = _SHOWN_VALUE.maxdict = 4
+CONFIG_MAX_VALUES = 10_000  # scalars in a -c config, counted as written out: a flag file holds a few hundred
+
+
+def _shown(value: Any) -> str:
+    """A value as an error message shows it: a repr cut to a few dozen characters, whatever its size."""
+    return _SHOWN_VALUE.repr(value)
+
+
+def _cut(text: str, size: int = 200) -> str:
+    """`text` on one line, cut to `size` characters (library messages can quote a whole value)."""
+    text = ' '.join(text.split())
+    return text if len(text) <= size else text[:size] + '...'
+
+
+def _expanded_size(value: Any, limit: int) -> int:
+    """Scalars in a YAML value with its aliases written out, counted up to just past `limit` (so a YAML
+    "billion laughs" of shared lists is measured in microseconds, never expanded)."""
+    count, stack = 0, [value]
+    while stack and count <= limit:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+        else:
+            count += 1
+    return count
+
+
 def _is_flag_switch(action: argparse.Action) -> bool:
     return isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction))
 
@@ -396,27 +434,27 @@ def _config_scalar(action: argparse.Action, key: str, value: Any, path: str) -> 
         return None
     if convert in (int, float):
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            parser.error(f'config {path}: {key}={value!r} must be a number ({convert.__name__})')
+            parser.error(f'config {path}: {key}={_shown(value)} must be a number ({convert.__name__})')
         try:
             converted = convert(value) if isinstance(value, str) else value
         except ValueError:
-            parser.error(f'config {path}: {key}={value!r} is not a valid {convert.__name__}')
+            parser.error(f'config {path}: {key}={_shown(value)} is not a valid {convert.__name__}')
         if convert is int and isinstance(converted, float):
             if not converted.is_integer():
-                parser.error(f'config {path}: {key}={value!r} must be a whole number')
+                parser.error(f'config {path}: {key}={_shown(value)} must be a whole number')
             converted = int(converted)
         value = convert(converted)
     elif convert in (None, str):
         if isinstance(value, (list, dict)):
-            parser.error(f'config {path}: {key}={value!r} must be a single string')
+            parser.error(f'config {path}: {key}={_shown(value)} must be a single string')
         value = str(value) if not isinstance(value, str) else value
     elif isinstance(value, str):
         try:
             value = convert(value)
         except (TypeError, ValueError) as e:
-            parser.error(f'config {path}: {key}={value!r} is not valid ({e})')
+            parser.error(f'config {path}: {key}={_shown(value)} is not valid ({_cut(str(e))})')
     if action.choices is not None and value not in action.choices:
-        parser.error(f'config {path}: {key}={value!r} is not one of {list(action.choices)}')
+        parser.error(f'config {path}: {key}={_shown(value)} is not one of {list(action.choices)}')
     return value
 
 
@@ -426,22 +464,22 @@ def _config_value(action: argparse.Action, key: str, value: Any, path: str) -> A
         return None
     if _is_flag_switch(action):
         if not isinstance(value, bool):
-            parser.error(f'config {path}: {key}={value!r} must be true or false')
+            parser.error(f'config {path}: {key}={_shown(value)} must be true or false')
         return value
     if isinstance(action, utils.ParseKwargs):
         if not isinstance(value, dict):
-            parser.error(f'config {path}: {key}={value!r} must be a mapping of names to values')
+            parser.error(f'config {path}: {key}={_shown(value)} must be a mapping of names to values')
         return value
     if action.nargs in ('+', '*') or isinstance(action.nargs, int):
         if not isinstance(value, (list, tuple)):
-            parser.error(f'config {path}: {key}={value!r} must be a list')
+            parser.error(f'config {path}: {key}={_shown(value)} must be a list')
         if isinstance(action.nargs, int) and len(value) != action.nargs:
             parser.error(f'config {path}: {key} needs {action.nargs} values, got {len(value)}')
         if action.nargs == '+' and not value and action.default != []:  # [] is the default of e.g. wandb_tags
             parser.error(f'config {path}: {key} needs at least one value')
         return [_config_scalar(action, key, v, path) for v in value]
     if isinstance(value, (list, tuple, dict)):
-        parser.error(f'config {path}: {key}={value!r} must be a single value, not a {type(value).__name__}')
+        parser.error(f'config {path}: {key}={_shown(value)} must be a single value, not a {type(value).__name__}')
     return _config_scalar(action, key, value, path)
 
 
@@ -449,19 +487,22 @@ def _load_config(path: str) -> Dict[str, Any]:
     """Flag defaults from a YAML config: values checked and converted; unknown keys are warned about and dropped."""
     if not os.path.isfile(path):
         parser.error(f'config file {path!r} does not exist; pass the path of a YAML file to -c/--config')
-    with open(path, 'r') as f:
+    with open(path, 'rb') as f:  # bytes: PyYAML detects the encoding, and reports a binary file as bad YAML
         try:
             cfg = yaml.safe_load(f) or {}
         except yaml.YAMLError as e:
-            parser.error(f'config {path} is not valid YAML: {e}')
+            parser.error(f'config {path} is not valid YAML: {_cut(str(e))}')
     if not isinstance(cfg, dict):
         parser.error(f'config {path} must be a mapping of flag names to values, got a {type(cfg).__name__}')
+    if _expanded_size(cfg, CONFIG_MAX_VALUES) > CONFIG_MAX_VALUES:
+        parser.error(f'config {path} expands to more than {CONFIG_MAX_VALUES} values (YAML aliases repeated inside '
+                     f'each other?); a config holds flag values: write them out plainly')
     actions = {a.dest: a for a in parser._actions if a.dest != 'help'}
     defaults = {}
     for key, value in cfg.items():
         dest = str(key).replace('-', '_')
         if dest not in actions:
-            _logger.warning(f'config {path}: {key!r} is not a train_drloc.py flag; it is ignored')
+            _logger.warning(f'config {path}: {_shown(key)} is not a train_drloc.py flag; it is ignored')
             continue
         defaults[dest] = _config_value(actions[dest], str(key), value, path)
     return defaults
@@ -554,6 +595,38 @@ def _check_run_flags(args: argparse.Namespace) -> None:
         _logger.warning('--local_rank is set by old launchers only; the rank is read from the torchrun environment')
 
 
+def _check_number_flags(args: argparse.Namespace) -> None:
+    """timm's number flags that would fail mid-run (or train on nonsense) outside their range, refused now."""
+    if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
+        parser.error(f'--lr must be a finite number > 0, got {args.lr}; e.g. --lr 1e-3, or leave it out to scale '
+                     f'--lr-base to the batch size')
+    at_least = (
+        ('--epochs', args.epochs, 1, 'epochs to train'),
+        ('-b/--batch-size', args.batch_size, 1, 'images per step and process'),
+        ('-vb/--validation-batch-size', args.validation_batch_size, 1, 'images per eval step'),
+        ('--log-interval', args.log_interval, 1, 'updates between log lines'),
+        ('--checkpoint-hist', args.checkpoint_hist, 1, 'epoch checkpoints kept besides last and model_best'),
+        ('-j/--workers', args.workers, 0, 'data loader processes; 0 loads in the main process'),
+        ('--img-size', args.img_size, 1, 'input size in pixels'),
+        ('--start-epoch', args.start_epoch, 0, 'the epoch to count from'),
+    )
+    for flag, value, low, meaning in at_least:
+        if value is not None and value < low:
+            parser.error(f'{flag} must be >= {low} ({meaning}), got {value}')
+    if args.input_size is not None and min(args.input_size) < 1:
+        parser.error(f'--input-size takes C H W, each >= 1, got {args.input_size}')
+    if not 0 <= args.smoothing < 1:
+        parser.error(f'--smoothing is the share of the target spread over the other classes, so it must be in '
+                     f'[0, 1), got {args.smoothing}; timm uses 0.1')
+    if args.std is not None and not all(math.isfinite(v) and v > 0 for v in args.std):
+        parser.error(f'--std divides each channel, so every value must be a finite number > 0, got {args.std}')
+    if _mixup_active(args):
+        odd = [b for b in [args.batch_size, *(args.train_batch_sizes or [])] if b % 2]
+        if odd:
+            parser.error(f'mixup / cutmix mix each image of a batch with another one, so batch sizes must be even, got '
+                         f'{odd[0]}; use {odd[0] + 1}')
+
+
 def _parse_args() -> Tuple[argparse.Namespace, str]:
     """Flags from the command line over a -c/--config YAML file over the defaults; also returns them as YAML."""
     args_config, remaining = config_parser.parse_known_args()
@@ -561,6 +634,7 @@ def _parse_args() -> Tuple[argparse.Namespace, str]:
         parser.set_defaults(**_load_config(args_config.config))
     args = parser.parse_args(remaining)
     _check_drloc_flags(args)
+    _check_number_flags(args)
     _check_loss_flags(args)
     args.eval_metric = _eval_metric(args)  # args.yaml names it: timm's train.py, given it with -c, needs a name
     args_text = yaml.safe_dump(args.__dict__, default_flow_style=False)
@@ -595,21 +669,46 @@ class AtomicCheckpointSaver(utils.CheckpointSaver):
     copies it makes of `last` (checkpoint-N, model_best, milestone-N) are hard links, or byte copies where
     links are not possible; here they too go through a temporary name and an atomic rename, so a run killed
     mid-save never leaves a truncated checkpoint, and the previous model_best stays until the new one is whole.
+    A write that fails (a full disk) or is interrupted (Ctrl-C) removes its temporary file; a failed write
+    ends the run with a ConfigError naming the cause and the folder, the checkpoints already written untouched.
     """
+
+    def _save(self, save_path: str, epoch: int, metric: Optional[float] = None) -> None:
+        # timm's _save hands its path straight to torch.save: given an open file instead, a failed write
+        # arrives as Python's OSError with its errno, not as the zip writer's RuntimeError
+        with self._writing(save_path):
+            with open(save_path, 'wb') as f:
+                super()._save(f, epoch, metric)
 
     def _duplicate(self, src: str, dst: str) -> None:
         tmp = dst + '.tmp'
         if os.path.exists(tmp):
             os.unlink(tmp)
-        try:
-            if not self.can_hardlink:
-                raise OSError('hard links disabled')
-            os.link(src, tmp)
-        except (OSError, NotImplementedError):
-            self.can_hardlink = False
-            shutil.copy2(src, tmp)
+        with self._writing(tmp):
+            try:
+                if not self.can_hardlink:
+                    raise OSError('hard links disabled')
+                os.link(src, tmp)
+            except (OSError, NotImplementedError):
+                self.can_hardlink = False
+                shutil.copy2(src, tmp)
         os.replace(tmp, dst)
 
+    @contextmanager
+    def _writing(self, tmp: str):
+        """Remove the temporary file `tmp` when writing it fails or is interrupted; a failed write is a ConfigError."""
+        try:
+            yield
+        except BaseException as e:
+            if os.path.lexists(tmp):
+                os.unlink(tmp)
+            if not isinstance(e, OSError):
+                raise
+            what = 'no space left on the device' if e.errno in (errno.ENOSPC, errno.EDQUOT) else \
+                f'{e.strerror or type(e).__name__}'
+            raise ConfigError(f'{what} while writing a checkpoint in {self.checkpoint_dir}; the checkpoints already '
+                              f'written there are intact: free some space, then '
+                              f'{_continue_hint(self.args, self.checkpoint_dir)}') from e
 
 def _readable_checkpoint(path: str, weights_only_ok: bool = False) -> Optional[str]:
     """None when `path` loads as a training checkpoint (with `weights_only_ok`, also as a model state dict
@@ -639,6 +738,30 @@ def _is_recovery(path: str) -> bool:
     stem = os.path.basename(path)[:-len(CHECKPOINT_EXT)] if path.endswith(CHECKPOINT_EXT) else ''
     parts = stem.split('-')
     return len(parts) == 3 and parts[0] == 'recovery' and parts[1].isdigit() and parts[2].isdigit()
+
+
+def _check_checkpoint_file(flag: str, path: str) -> None:
+    """The checks --resume and --initial-checkpoint share: a file that exists and loads without running code.
+
+    Raises:
+        ConfigError: naming the flag, the path and what to give instead.
+    """
+    if os.path.isdir(path):
+        raise ConfigError(f'{flag} {path} is a folder; give a checkpoint file in it, e.g. '
+                          f'{os.path.join(path, "last" + CHECKPOINT_EXT)}')
+    if not os.path.isfile(path):
+        other = ', or --resume auto with --experiment' if flag == '--resume' else ''
+        raise ConfigError(f'{flag} {path}: no such file; give the path of a .pth.tar checkpoint{other}')
+    problem = _readable_checkpoint(path, weights_only_ok=True)
+    if problem is not None:
+        raise ConfigError(f'{flag} {path}: cannot read this checkpoint ({problem}); give an intact checkpoint '
+                          f'written by training (an earlier checkpoint-N.pth.tar if this one is damaged)')
+
+
+def _checkpoint_misfit(flag: str, path: str, error: Exception) -> ConfigError:
+    """The error for a readable checkpoint whose weights do not fit the model (another architecture or size)."""
+    return ConfigError(f'{flag} {path} does not fit this run ({str(error).splitlines()[0]}); use it with the flags '
+                       f'it was trained with (see args.yaml next to it)')
 
 
 def _auto_resume_path(exp_dir: str) -> Optional[str]:
@@ -680,13 +803,7 @@ def _resolve_resume(args: argparse.Namespace, exp_dir: str) -> Tuple[str, bool]:
             _logger.info(f'--resume auto: no checkpoint in {exp_dir} yet, starting a fresh run')
             return '', False
         return path, True
-    if not os.path.isfile(args.resume):
-        raise ConfigError(f'--resume {args.resume}: no such file; give the path of a .pth.tar checkpoint, or '
-                          f'--resume auto with --experiment')
-    problem = _readable_checkpoint(args.resume, weights_only_ok=True)
-    if problem is not None:
-        raise ConfigError(f'--resume {args.resume}: cannot read this checkpoint ({problem}); it may be truncated, '
-                          f'corrupt or not a training checkpoint. Resume from an earlier checkpoint-N.pth.tar')
+    _check_checkpoint_file('--resume', args.resume)
     same_dir = os.path.abspath(os.path.dirname(args.resume)) == os.path.abspath(exp_dir)
     return args.resume, same_dir
 
@@ -807,12 +924,15 @@ def _build_model(args: argparse.Namespace) -> nn.Module:
         hint = ('make --in-chans / --input-size / --img-size agree with --model-kwargs' if 'Conflicting input'
                 in str(e) else 'pass a timm model name, hf-hub:REPO_ID or local-dir:PATH')
         raise ConfigError(f'--model {args.model}: {e}; {hint}') from e
-    model = create_model(
-        **model_args,
-        pretrained=args.pretrained,
-        scriptable=args.torchscript,
-        checkpoint_path=args.initial_checkpoint,
-    )
+    numpy_weights = os.path.splitext(args.initial_checkpoint)[1].lower() in ('.npz', '.npy')  # model-specific
+    if args.initial_checkpoint and not numpy_weights:
+        _check_checkpoint_file('--initial-checkpoint', args.initial_checkpoint)
+    model = create_model(**model_args, pretrained=args.pretrained, scriptable=args.torchscript)
+    if args.initial_checkpoint:  # as create_model(checkpoint_path=...) would, with a misfit named
+        try:
+            load_checkpoint(model, args.initial_checkpoint)
+        except (RuntimeError, ValueError, KeyError, NotImplementedError) as e:
+            raise _checkpoint_misfit('--initial-checkpoint', args.initial_checkpoint, e) from e
     if args.head_init_scale is not None:
         with torch.no_grad():
             model.get_classifier().weight.mul_(args.head_init_scale)
@@ -931,11 +1051,33 @@ def _drloc_cli_hint(message: str, input_size: Sequence[int]) -> str:
                 f'--model-kwargs img_size={input_size[-1]})')
     if 'multiscale' in message:
         return ' (on the command line: drop --drloc-multiscale)'
+    if '1x1' in message:  # before 'layers': its message names layers=[...] as the other way out
+        return ' (on the command line: a larger --img-size with --model-kwargs img_size=..., or --drloc-layers)'
     if 'layers' in message:
         return ' (on the command line: --drloc-layers PATH [PATH ...])'
-    if '1x1' in message:
-        return ' (on the command line: a larger --img-size with --model-kwargs img_size=..., or --drloc-layers)'
     return ''
+
+
+def _head_memory_error(args: argparse.Namespace, error: HeadTooLargeError) -> ConfigError:
+    """A HeadTooLargeError in the command line's terms: the flags that size the heads, and the numbers."""
+    return ConfigError(
+        f'--drloc-hidden-dim {args.drloc_hidden_dim} and --drloc-samples {args.drloc_samples}: the DRLoc heads would '
+        f'need about {memory_text(error.memory.total)} at {error.batch_size} image(s) per step '
+        f'({memory_text(error.memory.weights)} of weights, gradients and optimizer state, '
+        f'{memory_text(error.memory.activations)} of activations), more than the {memory_text(error.available)} '
+        f'of the {error.device.type} device; lower them (the reference uses --drloc-hidden-dim 512 '
+        f'--drloc-samples 64)')
+
+
+def _check_head_memory(args: argparse.Namespace, task: nn.Module, device: torch.device) -> None:
+    """The DRLoc heads at the run's batch size must fit the device (wrap() checked them at one image)."""
+    drloc = task.get_trainable_module()
+    try:
+        check_head_memory([(s.num_chs, s.grid_size) for s in drloc.sources], args.drloc_hidden_dim,
+                          args.drloc_samples, args.drloc_mode, not args.drloc_signed, device,
+                          batch_size=args.batch_size)
+    except HeadTooLargeError as e:
+        raise _head_memory_error(args, e) from e
 
 
 def _build_task(
@@ -968,6 +1110,8 @@ def _build_task(
                 dtype=model_dtype,
                 verbose=verbose,
             )
+        except HeadTooLargeError as e:
+            raise _head_memory_error(args, e) from e
         except ValueError as e:
             raise ConfigError(f'cannot add DRLoc to {args.model}: {e}{_drloc_cli_hint(str(e), input_size)}') from e
     if args.kd_model_name is not None:
@@ -985,21 +1129,36 @@ def _build_task(
     return task_cls(model=model, criterion=criterion, device=device, dtype=model_dtype, verbose=verbose)
 
 
+def _is_folder_dataset(args: argparse.Namespace) -> bool:
+    """No --dataset type (an image folder or tar), or an explicit folder/ one."""
+    return not args.dataset or args.dataset.lower().startswith(('folder/', 'imagefolder/', 'tar/'))
+
+
 def _check_data_dir(args: argparse.Namespace) -> None:
-    """A folder dataset (no --dataset type, or folder/) must exist, with its train split."""
+    """A folder dataset's root must exist and hold the split folders the run reads, which are logged, all before
+    anything is built. With no data dir given at all, the error comes once the model is built (_build_datasets),
+    as in timm's train.py, whose own tests build a model without data."""
     if args.data and not args.data_dir:
         args.data_dir = args.data
-    if args.dataset and not args.dataset.lower().startswith(('folder/', 'imagefolder/', 'tar/')):
+    if not _is_folder_dataset(args) or not args.data_dir:
         return
-    if not args.data_dir:
-        raise ConfigError('no dataset given: pass the dataset root folder as --data-dir DIR (or positionally)')
     if not os.path.exists(args.data_dir):
         raise ConfigError(f'data dir {args.data_dir!r} does not exist; pass the dataset root with --data-dir, '
                           f'holding {args.train_split}/ and {args.val_split}/ class folders')
+    if not os.path.isdir(args.data_dir):
+        return  # a .tar of images: no split folders
+    train_dir = split_folder(args.data_dir, args.train_split, '--train-split', args.val_split)
+    val_dir = split_folder(args.data_dir, args.val_split, '--val-split', args.train_split) if args.val_split else None
+    if utils.is_primary(args):
+        _logger.info(f'Data: training on {train_dir}, validating on '
+                     f'{val_dir or "nothing (--val-split is empty)"}.')
 
 
 def _build_datasets(args: argparse.Namespace, input_img_mode: str):
-    """The train and eval datasets (eval is None without --val-split)."""
+    """The train and eval datasets (eval is None without --val-split); folder datasets name the images they skip,
+    and must hold the same classes in both splits."""
+    if _is_folder_dataset(args) and not args.data_dir:
+        raise ConfigError('no dataset given: pass the dataset root folder as --data-dir DIR (or positionally)')
     common = dict(root=args.data_dir, class_map=args.class_map, download=args.dataset_download,
                   batch_size=args.batch_size, input_img_mode=input_img_mode, input_key=args.input_key,
                   target_key=args.target_key, target_format=args.target_format,
@@ -1019,6 +1178,13 @@ def _build_datasets(args: argparse.Namespace, input_img_mode: str):
             raise
         raise ConfigError(f'{e}; an image folder dataset holds <root>/{args.train_split}/<class>/<image> and '
                           f'<root>/{args.val_split}/<class>/<image>') from e
+    readers = [getattr(d, 'reader', None) for d in (dataset_train, dataset_eval)]
+    classes = [getattr(r, 'class_to_idx', None) for r in readers]
+    if classes[0] and classes[1]:
+        check_same_classes(classes[0], classes[1], readers[0].root, readers[1].root)
+    for dataset in (dataset_train, dataset_eval):
+        if name_unreadable_images(dataset):
+            check_first_images(dataset, dataset.reader.root)
     return dataset_train, dataset_eval
 
 
@@ -1060,6 +1226,17 @@ def _drloc_lambda(args: argparse.Namespace, epoch: int, num_epochs: int) -> floa
                            warmup_epochs=args.drloc_warmup_epochs, decay=args.drloc_decay)
 
 
+def _warn_unreached_lambda(args: argparse.Namespace, num_epochs: int) -> None:
+    """Warn at start when the warm-up is as long as the schedule, so lambda never reaches --drloc-lambda (the
+    per-epoch value is in summary.csv's drloc_lambda column, and the model card states the value reached)."""
+    if args.drloc_lambda <= 0 or args.drloc_warmup_epochs < num_epochs:
+        return
+    reached = max(_drloc_lambda(args, epoch, num_epochs) for epoch in range(num_epochs))
+    _logger.warning(f'--drloc-warmup-epochs {args.drloc_warmup_epochs} is not shorter than the {num_epochs}-epoch '
+                    f'schedule: lambda only ramps up to {reached:g}, never the asked --drloc-lambda '
+                    f'{args.drloc_lambda:g}; use fewer warm-up epochs (or more --epochs)')
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Progress display
 # ---------------------------------------------------------------------------------------------------------
@@ -1091,6 +1268,29 @@ class EpochProgress:
 # ---------------------------------------------------------------------------------------------------------
 # Train and eval loops
 # ---------------------------------------------------------------------------------------------------------
+
+@dataclass
+class RunPosition:
+    """Where the training loop is, for the line an interrupt (Ctrl-C) ends the run with."""
+    epoch: int
+    step: Optional[int] = None  # batch index within the epoch; None between the epoch's training steps
+
+    def describe(self) -> str:
+        where = f'step {self.step}' if self.step is not None else 'outside its training steps (evaluating or saving)'
+        return f'epoch {self.epoch}, {where}'
+
+
+def _continue_hint(args: Optional[argparse.Namespace], output_dir: Optional[str]) -> str:
+    """How to go on from the checkpoints a stopped run left, as the end of a sentence ('continue with ...')."""
+    if args is None or output_dir is None:
+        return 'continue with --resume and the last checkpoint'
+    last = os.path.join(output_dir, 'last' + CHECKPOINT_EXT)
+    if not os.path.exists(last):
+        return 'run it again (no checkpoint was written yet)'
+    if args.experiment:
+        return 'continue with the same command and --resume auto'
+    return f'continue with --resume {last}'
+
 
 def _loss_values(result: Dict[str, torch.Tensor], args: argparse.Namespace) -> Tuple[bool, float, Optional[float]]:
     """(the loss is NaN / Inf on any rank, this rank's loss, this rank's drloc_loss or None).
@@ -1186,11 +1386,13 @@ def train_one_epoch(
         scheduled_batch_mode: bool = False,
         batch_size_reference: Optional[float] = None,
         nonfinite: Optional['NonFiniteSteps'] = None,
+        position: Optional[RunPosition] = None,
 ) -> 'OrderedDict[str, float]':
     """One epoch of updates; returns the epoch's mean train loss (and mean DRLoc loss), averaged over ranks.
 
     `nonfinite` decides what a NaN / Inf loss does (skip or stop; its streak runs across epochs); by default
-    a new one for this epoch, skipping under a loss scaler as --max-nonfinite-steps says.
+    a new one for this epoch, skipping under a loss scaler as --max-nonfinite-steps says. `position.step`
+    follows the batch being trained on (for the line a Ctrl-C ends the run with).
     """
     if nonfinite is None:
         nonfinite = NonFiniteSteps(args.max_nonfinite_steps if loss_scaler is not None else None)
@@ -1220,6 +1422,8 @@ def train_one_epoch(
     update_sample_count = 0
     skip_update = False  # a step of this update had a non-finite loss: the update is skipped
     for batch_idx, (input, target) in enumerate(loader):
+        if position is not None:
+            position.step = batch_idx
         last_batch = batch_idx == num_batches - 1
         need_update = last_batch or (batch_idx + 1) % accum_steps == 0
         update_idx = batch_idx // accum_steps
@@ -1446,10 +1650,27 @@ def _eval_metric(args: argparse.Namespace) -> str:
     return metric
 
 
+def _check_output(args: argparse.Namespace) -> None:
+    """The experiment folder must be one this process can create and write in (a file in its place, or a folder
+    without write permission, would fail at the first checkpoint, after an epoch of work)."""
+    flag = f'--output {args.output}' if args.output else 'the default output folder'
+    target = os.path.abspath(os.path.join(args.output or './output/train', args.experiment))
+    existing = target
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ConfigError(f'{flag}: {existing} is a file, not a folder; pass --output a folder to hold the '
+                          f'experiment folders')
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f'{flag}: cannot write in {existing} (permission denied); pass --output a folder you can '
+                          f'write in')
+
+
 def _check_before_start(args: argparse.Namespace) -> None:
-    """Everything that can be checked without a model: flags, Hub token, device (the data dir is checked once
-    the model is built, as timm's train.py creates the model first)."""
+    """Everything that can be checked without a model: flags, output folder, Hub token, device (the data dir's
+    split folders follow in main, once the process knows its rank)."""
     _check_run_flags(args)
+    _check_output(args)
     _eval_metric(args)
     if args.stop_epoch is not None and args.stop_epoch < 1:
         raise ConfigError(f'--stop-epoch {args.stop_epoch} is out of range: it counts completed epochs, use >= 1')
@@ -1493,8 +1714,8 @@ def main() -> int:
     if args.fast_norm:
         set_fast_norm()
 
+    _check_data_dir(args)  # the split folders, before anything is built
     model = _build_model(args)
-    _check_data_dir(args)  # before anything reads data
     if utils.is_primary(args):
         _logger.info(f'Model {safe_model_name(args.model)} created, param count: '
                      f'{sum(p.numel() for p in model.parameters())}')
@@ -1520,6 +1741,8 @@ def main() -> int:
 
     # the task probes the model (DRLoc grids) before any data is read, so bad DRLoc flags fail fast
     task = _build_task(args, model, train_loss_fn, data_config['input_size'], device, model_dtype)
+    if args.drloc_lambda > 0:
+        _check_head_memory(args, task, device)
 
     input_img_mode = args.input_img_mode or ('RGB' if data_config['input_size'][0] == 3 else 'L')
     dataset_train, dataset_eval = _build_datasets(args, input_img_mode)
@@ -1545,8 +1768,7 @@ def main() -> int:
         try:
             resume_epoch, resume_ema = _resume_checkpoint(args, task, resume_path, optimizer, loss_scaler)
         except (RuntimeError, ValueError, KeyError) as e:  # another model, other DRLoc heads, other optimizer
-            raise ConfigError(f'--resume {resume_path} does not fit this run ({str(e).splitlines()[0]}); resume '
-                              f'with the flags the checkpoint was trained with (see args.yaml next to it)') from e
+            raise _checkpoint_misfit('--resume', resume_path, e) from e
 
     if args.model_ema:  # after device placement, before DDP
         task.setup_ema(decay=args.model_ema_decay, use_warmup=args.model_ema_warmup,
@@ -1573,6 +1795,8 @@ def main() -> int:
     lr_scheduler, num_epochs = create_scheduler_v2(
         optimizer, **scheduler_kwargs(args, decreasing_metric=decreasing_metric), updates_per_epoch=updates_per_epoch)
     stop_at = _stop_epoch_check(args, num_epochs)
+    if utils.is_primary(args):
+        _warn_unreached_lambda(args, num_epochs)
     start_epoch = args.start_epoch if args.start_epoch is not None else (resume_epoch or 0)
     if lr_scheduler is not None and start_epoch > 0:
         if args.sched_on_updates:
@@ -1719,7 +1943,13 @@ def _setup_output(
         in_place: bool,
         start_epoch: int,
 ) -> utils.CheckpointSaver:
-    """Primary process: the experiment folder, args.yaml, the checkpoint saver and summary.csv state, wandb."""
+    """Primary process: the experiment folder, args.yaml, the checkpoint saver and summary.csv state, wandb.
+
+    A fresh run (not continuing in place) into a folder that holds an earlier run moves that run aside first
+    (see _move_earlier_run_aside): a finished run's files are never overwritten, deleted or mixed in.
+    """
+    if not in_place:
+        _move_earlier_run_aside(output_dir)
     output_dir = utils.get_outdir(output_dir)
     saver = AtomicCheckpointSaver(
         model=model, optimizer=optimizer, args=args, amp_scaler=loss_scaler, checkpoint_dir=output_dir,
@@ -1728,8 +1958,6 @@ def _setup_output(
     if in_place:  # same folder: keep the ranked history and best metric, and the summary rows already done
         saver.load_state_dict_from_checkpoint(resume_path)
         _trim_summary(summary_path, start_epoch)
-    elif os.path.exists(summary_path):
-        os.remove(summary_path)  # a fresh run in an existing folder starts a fresh summary
     with open(os.path.join(output_dir, 'args.yaml'), 'w') as f:
         f.write(args_text)
     if args.log_wandb:
@@ -1743,6 +1971,21 @@ def _setup_output(
             _logger.warning('--log-wandb given but wandb is not installed (pip install wandb); metrics go to '
                             'summary.csv only')
     return saver
+
+
+def _move_earlier_run_aside(output_dir: str) -> None:
+    """Move the run in `output_dir` (a last checkpoint or a summary.csv) to the first free `<output_dir>.N`, so a
+    fresh run starts in an empty folder and the earlier one stays whole; log both folders in one line."""
+    if not any(os.path.exists(os.path.join(output_dir, name)) for name in ('last' + CHECKPOINT_EXT, 'summary.csv')):
+        return
+    number = 1
+    while os.path.lexists(f'{output_dir}.{number}'):
+        number += 1
+    aside = f'{output_dir}.{number}'
+    os.rename(output_dir, aside)
+    _logger.warning(f'{output_dir} already held a run: it is now in {aside}, and this fresh run starts in '
+                    f'{output_dir}; to continue the earlier run instead, pass --resume auto --experiment '
+                    f'{os.path.basename(aside)}, and give each new run its own --experiment')
 
 
 def _train_epochs(
@@ -1774,8 +2017,10 @@ def _train_epochs(
     drloc_on = args.drloc_lambda > 0
     nonfinite = NonFiniteSteps(args.max_nonfinite_steps if loss_scaler is not None else None)
     results = []
+    position = RunPosition(start_epoch)
     try:
         for epoch in range(start_epoch, stop_at):
+            position.epoch, position.step = epoch, None
             _set_loader_epoch(loader_train, epoch)
             if drloc_on:
                 task.set_drloc_lambda(_drloc_lambda(args, epoch, num_epochs))
@@ -1784,7 +2029,8 @@ def _train_epochs(
                 saver=saver, output_dir=output_dir, amp_autocast=amp_autocast, loss_scaler=loss_scaler,
                 model_dtype=model_dtype, mixup_fn=mixup_fn, naflex_mode=naflex_mode,
                 scheduled_batch_mode=scheduled_batch_mode, batch_size_reference=batch_size_reference,
-                nonfinite=nonfinite)
+                nonfinite=nonfinite, position=position)
+            position.step = None
             _weights_finite_or_stop(model, epoch, 'at the end of the epoch')
             if args.distributed and args.dist_bn in ('broadcast', 'reduce'):
                 utils.distribute_bn(model, args.world_size, args.dist_bn == 'reduce')
@@ -1825,14 +2071,15 @@ def _train_epochs(
                 lr_scheduler.step(completed, latest_metric)
             results.append({'epoch': epoch, 'train': train_metrics, **({'validation': eval_metrics}
                                                                         if eval_metrics is not None else {})})
-    except KeyboardInterrupt:
-        pass
+    except KeyboardInterrupt:  # Ctrl-C: stop here, in one line; no end-of-run output, export or upload follows
+        raise KeyboardInterrupt(f'interrupted at {position.describe()}; '
+                                f'{_continue_hint(args, output_dir)}') from None
     return results
 
 
 def run() -> None:
-    """Console entry: main(), with input errors, non-finite losses and failed Hub pushes reported as one line
-    and the status ExitCode gives each."""
+    """Console entry: main(), with input errors, non-finite losses, interrupts and failed Hub pushes reported as
+    one line and the status ExitCode gives each."""
     try:
         status = main()
     except ConfigError as e:
@@ -1841,6 +2088,9 @@ def run() -> None:
     except NonFiniteLossError as e:
         _logger.error(f'error: {e}')
         sys.exit(ExitCode.NON_FINITE_LOSS)
+    except KeyboardInterrupt as e:  # raised with its line by the training loop; bare before or after it
+        _logger.error(str(e) or 'interrupted outside the training epochs; the checkpoints already written are intact')
+        sys.exit(ExitCode.INTERRUPTED)
     sys.exit(int(status or ExitCode.OK))
 
 
