@@ -334,8 +334,8 @@ def test_drloc_twice_and_a_grid_read_by_forward_intermediates_are_refused():
     with pytest.raises(ConfigError, match='add DRLoc to a task once'):
         DRLocTask(student, base_task=task.base_task, verbose=False)
     torch.manual_seed(0)  # Twins: feature_info names a container, so its grid comes from forward_intermediates()
-    twins = timm.create_model('twins_svt_small', pretrained=False, img_size=64, num_classes=4, embed_dims=(8, 16, 16, 32),
-                              num_heads=(1, 1, 1, 1), depths=(1, 1, 1, 1), sr_ratios=(2, 1, 1, 1))
+    twins = timm.create_model('twins_svt_small', pretrained=False, img_size=64, num_classes=4, depths=(1, 1, 1, 1),
+                              embed_dims=(8, 16, 16, 32), num_heads=(1, 1, 1, 1), sr_ratios=(2, 1, 1, 1))
     with pytest.raises(ConfigError, match=r'forward_intermediates\(\).*layers=\[\.\.\.\]'):
         DRLocTask(twins, base_task=make_base('logit', twins), hidden_dim=8, verbose=False)
 

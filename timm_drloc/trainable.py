@@ -55,7 +55,7 @@ class DRLocTrainableModule(WrapsModel):
         self.heads = heads
         self.module = module
         self.reader = reader
-        self.drloc_loss: Optional[torch.Tensor] = None
+        self.kept_loss: Optional[torch.Tensor] = None  # the DRLoc loss of the last train-mode forward
 
     @property
     def sources(self):
@@ -67,12 +67,12 @@ class DRLocTrainableModule(WrapsModel):
         if not self.training:
             return self.module(input, *args, **kwargs)
         output, features = self.reader.read(lambda: self.module(input, *args, **kwargs))
-        self.drloc_loss = drloc_loss(self.heads, self.sources, features, tuple(input.shape[-2:]))
+        self.kept_loss = drloc_loss(self.heads, self.sources, features, tuple(input.shape[-2:]))
         return output
 
     def pop_drloc_loss(self) -> torch.Tensor:
         """The DRLoc loss of the last train-mode forward (a () tensor), handed over once."""
-        loss, self.drloc_loss = self.drloc_loss, None
+        loss, self.kept_loss = self.kept_loss, None
         if loss is None:
             raise RuntimeError(
                 "The base task's forward did not run its trainable module in train mode, so there is no DRLoc "
