@@ -1,4 +1,5 @@
-"""What DRLoc costs per training step: DRLocTask against timm's ClassificationTask.
+"""What DRLoc costs per training step: DRLocTask against timm's ClassificationTask, or (with `--kd`)
+DRLocTask over timm's distillation task against the distillation task alone.
 
 Both tasks train two copies of the same model (same weights) on the same batch, in one process. Steps
 alternate between the two (which one goes first flips every round, so neither profits from a warmer
@@ -23,6 +24,12 @@ before an index gather. Both run on the same grids (each model's real grid shape
     python benchmarks/overhead.py                      # CPU, the three default models, batch 8
     python benchmarks/overhead.py --device cuda --amp --batch-size 64 --compile
     python benchmarks/overhead.py --aa                 # the same set-up, timm against timm
+    python benchmarks/overhead.py --models vit_small_patch16_224 --kd logit --kd-teacher resnet18
+
+With `--kd logit|feature|token` both sides distil from the same `--kd-teacher` (random weights, frozen):
+'timm' is timm's distillation task alone, 'drloc' is `DRLocTask(model, base_task=<that task>)`, so the
+ratio is what DRLoc adds on top of distillation (teacher forward included on both sides). Token
+distillation needs a distilled student (`--models deit_small_distilled_patch16_224`).
 """
 import argparse
 import copy
@@ -74,6 +81,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--threads', type=int, default=None,
                         help='torch CPU threads (default: torch\'s); 1 gives the steadiest CPU-time ratio on shared cores')
     parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--kd', choices=('logit', 'feature', 'token'), default=None,
+                        help="compare DRLoc over timm's distillation task of this type with that task alone")
+    parser.add_argument('--kd-teacher', default='resnet18', help='timm model name of the teacher for --kd')
     parser.add_argument('--aa', action='store_true',
                         help="A/A check: time a second plain timm task in DRLoc's place (same set-up) to see "
                              "the measurement's own spread; every ratio should then read 1.0")
@@ -177,21 +187,38 @@ def make_batch(batch_size: int, img_size: int, seed: int, device: torch.device) 
     return images, labels
 
 
+def timm_task(args: argparse.Namespace, model: nn.Module, teacher: Optional[nn.Module], device: torch.device):
+    """timm's task without DRLoc: ClassificationTask, or with `--kd` the distillation task from `teacher`."""
+    from timm.task import ClassificationTask, FeatureDistillationTask, LogitDistillationTask, TokenDistillationTask
+    if args.kd is None:
+        return ClassificationTask(model, device=device, verbose=False)
+    kd_task = {'logit': LogitDistillationTask, 'feature': FeatureDistillationTask, 'token': TokenDistillationTask}
+    return kd_task[args.kd](model, teacher, device=device, verbose=False)
+
+
 def build_tasks(args: argparse.Namespace, model_name: str, device: torch.device):
-    """(ClassificationTask, DRLocTask) on two copies of one freshly initialized model."""
+    """(timm's task, DRLocTask) on two copies of one freshly initialized model; with `--kd`, timm's
+    distillation task and DRLocTask over it, one teacher for both."""
     from timm.optim import create_optimizer_v2
-    from timm.task import ClassificationTask
     from timm_drloc import DRLocTask
 
     model = create_model(model_name, args.img_size, args.seed)
+    teacher = create_model(args.kd_teacher, args.img_size, args.seed + 1).to(device) if args.kd else None
     plain = copy.deepcopy(model)  # before wrap(): the copy carries no DRLoc hooks
-    baseline = ClassificationTask(plain.to(device), device=device, verbose=False)
-    drloc = DRLocTask(model.to(device), drloc_lambda=0.5, num_samples=args.samples, hidden_dim=args.hidden_dim,
-                      multiscale=args.multiscale, input_size=(3, args.img_size, args.img_size),
+    baseline = timm_task(args, plain.to(device), teacher, device)
+    model = model.to(device)
+    base = timm_task(args, model, teacher, device) if args.kd else None
+    drloc = DRLocTask(model, drloc_lambda=0.5, num_samples=args.samples, hidden_dim=args.hidden_dim,
+                      multiscale=args.multiscale, input_size=(3, args.img_size, args.img_size), base_task=base,
                       device=device, verbose=False)
     if args.aa:  # the same model object in the same place, without DRLoc
-        drloc.trainable_module.remove_hooks()
-        drloc = ClassificationTask(drloc.trainable_module.model, device=device, verbose=False)
+        trainable = drloc.trainable_module
+        if trainable.reader is not None:
+            trainable.reader.remove()
+        if base is None:
+            drloc = timm_task(args, trainable.model, teacher, device)
+        else:
+            base.trainable_module, drloc = trainable.module, base
     tasks = {'timm': baseline, 'drloc': drloc}
     for task in tasks.values():
         task.train()
@@ -300,6 +327,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f'# torch {torch.__version__}, {name}; batch {args.batch_size}, {args.img_size}px, m={args.samples}, '
           f'hidden {args.hidden_dim}, amp={args.amp}, compile={args.compile}, multiscale={args.multiscale}, '
           f'opt={args.opt}, median of {args.steps} steps after {args.warmup} warm-up'
+          + (f'; timm = {args.kd} distillation from {args.kd_teacher}, drloc = DRLoc over it' if args.kd else '')
           + ('; A/A CHECK: the drloc columns are a second plain timm task' if args.aa else ''))
     if device.type == 'cpu':
         load = os.getloadavg()[0]

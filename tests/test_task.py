@@ -163,3 +163,32 @@ def test_a_model_returning_a_dict_gets_a_clear_error_from_the_task():
     with pytest.raises(ValueError, match=r"DictOutputModel's forward returns a dict \(keys \['logits', 'aux'\]\), "
                                          r"not the logits tensor"):
         task(*batch())
+
+
+# Losses of three AdamW steps recorded with the code of commit de33615, before `base_task=` existed:
+# DRLocTask alone must keep giving them for the same seed.
+RECORDED_STEPS = {  # mode: [(loss, task_loss, drloc_loss) per step]
+    'l1': [(2.024383, 1.42565, 1.197467), (2.068764, 1.430712, 1.276106), (1.573954, 0.986634, 1.17464)],
+    'cbr': [(2.212513, 1.42565, 1.573727), (2.138287, 1.432997, 1.410579), (1.660812, 0.984235, 1.353153)],
+}
+
+
+@pytest.mark.parametrize('mode', list(RECORDED_STEPS))
+def test_drloc_alone_gives_the_losses_recorded_before_base_tasks(mode):
+    from timm.optim import create_optimizer_v2
+    torch.manual_seed(0)
+    model = timm.create_model('vit_tiny_patch16_224', img_size=32, patch_size=8, depth=2, embed_dim=48, num_heads=2,
+                              num_classes=4)
+    task = DRLocTask(model, drloc_lambda=0.5, mode=mode, hidden_dim=16, verbose=False)
+    optimizer = create_optimizer_v2(task.get_trainable_module(), 'adamw', lr=1e-2)
+    generator = torch.Generator().manual_seed(1)
+    x, y = torch.randn(4, 3, 32, 32, generator=generator), torch.tensor([0, 1, 2, 3])
+    task.train()
+    steps = []
+    for _ in range(3):
+        out = task(x, y)
+        out['loss'].backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        steps.append([out[k].item() for k in ('loss', 'task_loss', 'drloc_loss')])
+    torch.testing.assert_close(torch.tensor(steps), torch.tensor(RECORDED_STEPS[mode]), rtol=1e-5, atol=1e-5)

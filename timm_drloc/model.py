@@ -4,7 +4,7 @@
 mode exactly `model(x)`. The original model object is kept untouched as `.model`, so its state_dict
 keys do not change; `unwrap()` gets it back through DRLocModel, DDP and torch.compile wrappers.
 """
-from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -47,7 +47,98 @@ class GridCapture:
             self.output = output[self.output_index] if is_seq else output
 
 
-class DRLocModel(nn.Module):
+class GridReader:
+    """Forward hooks on a model's grid modules: `read(run)` calls `run()` and returns what it returned
+    together with the grid tensors the hooked modules output during that call.
+
+    The hooks stay on the model and do nothing outside `read()` (eval forwards, activation-checkpointing
+    recomputation). A deepcopy of the model together with its reader (timm's EMA copies the module
+    holding both) captures its own grids.
+
+    Args:
+        model: the module holding the grid modules.
+        sources: the grids to read (GridSource.name is the module path inside `model`).
+    """
+
+    def __init__(self, model: nn.Module, sources: Sequence[GridSource]):
+        self.sources = list(sources)
+        self.captures = [GridCapture(s.output_index) for s in self.sources]
+        self.handles = [
+            model.get_submodule(source.name).register_forward_hook(capture)
+            for source, capture in zip(self.sources, self.captures)]
+
+    def read(self, run: Callable[[], Any]) -> Tuple[Any, List[torch.Tensor]]:
+        """(run(), [raw output of each grid module during run()]), in the order of `sources`."""
+        if not self.handles:
+            raise RuntimeError("remove_hooks() was called: this model no longer reads grids. Train with a fresh "
+                               "timm_drloc.wrap(model), or run the plain backbone for inference.")
+        for capture in self.captures:
+            capture.start()
+        try:
+            result = run()
+        finally:
+            features = [capture.stop() for capture in self.captures]
+        missing = [s.name for s, f in zip(self.sources, features) if f is None]
+        if missing:
+            raise RuntimeError(f"The forward pass did not run module(s) {missing}: no grid to read.")
+        return result, features
+
+    def remove(self) -> None:
+        """Detach the hooks from the model."""
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+
+def drloc_loss(
+        heads: Sequence[DRLocHead],
+        sources: Sequence[GridSource],
+        features: Sequence[torch.Tensor],
+        input_hw: Tuple[int, int],
+) -> torch.Tensor:
+    """The DRLoc loss of one forward pass: the sum over grids of each grid's head loss.
+
+    Args:
+        heads: one DRLocHead per grid.
+        sources: where each grid came from (its layout).
+        features: the raw captured tensors, one per source (NCHW, NHWC or NLC, as the source says).
+        input_hw: (H, W) of the network input, to split token layouts into rows.
+
+    Returns:
+        () scalar loss.
+    """
+    return sum(head(to_grid(feat, source, input_hw)) for head, source, feat in zip(heads, sources, features))
+
+
+class WrapsModel(nn.Module):
+    """A module that holds another one under `inner_name` and stands in for it in timm's training code.
+
+    timm's optimizer hooks (`no_weight_decay`, `group_matcher`, for layer decay) answer with the inner
+    module's parameter names, prefixed; the attributes in `_PASSTHROUGH` read the inner module's. What
+    the wrapper adds itself (the DRLoc heads) trains like the classifier.
+    """
+    inner_name = 'model'
+
+    def no_weight_decay(self):
+        inner = getattr(self._modules[self.inner_name], 'no_weight_decay', None)
+        return {f'{self.inner_name}.{n}' for n in inner()} if inner is not None else set()
+
+    def group_matcher(self, coarse: bool = False):
+        inner = getattr(self._modules[self.inner_name], 'group_matcher', None)
+        if inner is None:
+            raise AttributeError(f"{type(self._modules[self.inner_name]).__name__} has no group_matcher")
+        return _prefix_matcher(inner(coarse=coarse), f'{self.inner_name}.')
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name not in _PASSTHROUGH:
+                raise
+            return getattr(self._modules[self.inner_name], name)
+
+
+class DRLocModel(WrapsModel):
     """A model whose forward also returns the DRLoc loss of its spatial grid(s).
 
     Build it with `timm_drloc.wrap()`. Grids are read with forward hooks on the modules that output
@@ -68,11 +159,7 @@ class DRLocModel(nn.Module):
         self.route = route
         self.training = model.training  # the wrapper (and its heads) take the backbone's mode
         self.heads.train(model.training)
-        # one capture object per hooked module; deepcopy (EMA) copies them together with the model's hooks
-        self._captures = [GridCapture(s.output_index) for s in self.sources] if route == 'hooks' else []
-        self._hook_handles = [
-            model.get_submodule(source.name).register_forward_hook(capture)
-            for source, capture in zip(self.sources, self._captures)]
+        self.reader = GridReader(model, self.sources) if route == 'hooks' else None
 
     def forward(self, x: torch.Tensor) -> Union[DRLocOutput, torch.Tensor]:
         """x: (B, C, H, W) images. Train mode: DRLocOutput(logits, drloc_loss); eval mode: logits."""
@@ -83,11 +170,7 @@ class DRLocModel(nn.Module):
                              f"{tuple(x.shape)}" + (". Add the batch dimension with x.unsqueeze(0)." if x.ndim == 3
                                                     else "."))
         logits, features = self.forward_with_grids(x)
-        input_hw = tuple(x.shape[-2:])
-        loss = sum(
-            head(to_grid(feat, source, input_hw))
-            for head, source, feat in zip(self.heads, self.sources, features))
-        return DRLocOutput(logits, loss)
+        return DRLocOutput(logits, drloc_loss(self.heads, self.sources, features, tuple(x.shape[-2:])))
 
     def forward_with_grids(self, x: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         """One backbone pass: the logits and the raw captured features, one per source."""
@@ -95,38 +178,7 @@ class DRLocModel(nn.Module):
             indices = [int(s.name.split('.')[-1]) for s in self.sources]
             final, features = self.model.forward_intermediates(x, indices=indices, norm=False)
             return self.model.forward_head(final), list(features)
-        if not self._hook_handles:
-            raise RuntimeError("remove_hooks() was called on this DRLocModel: it no longer reads grids. Train with "
-                               "a fresh timm_drloc.wrap(model), or use the plain backbone (.model) for inference.")
-        for capture in self._captures:
-            capture.start()
-        try:
-            logits = self.model(x)
-        finally:
-            features = [capture.stop() for capture in self._captures]
-        missing = [s.name for s, f in zip(self.sources, features) if f is None]
-        if missing:
-            raise RuntimeError(f"The forward pass did not run module(s) {missing}: no grid to read.")
-        return logits, features
-
-    # timm optimizer hooks: parameter names gain the 'model.' prefix, the heads train like the classifier
-    def no_weight_decay(self):
-        inner = getattr(self.model, 'no_weight_decay', None)
-        return {f'model.{n}' for n in inner()} if inner is not None else set()
-
-    def group_matcher(self, coarse: bool = False):
-        inner = getattr(self.model, 'group_matcher', None)
-        if inner is None:
-            raise AttributeError(f"{type(self.model).__name__} has no group_matcher")
-        return _prefix_matcher(inner(coarse=coarse), 'model.')
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name not in _PASSTHROUGH:
-                raise
-            return getattr(self._modules['model'], name)
+        return self.reader.read(lambda: self.model(x))
 
     def remove_hooks(self) -> None:
         """Detach the grid hooks from the backbone, leaving it as it was before wrap().
@@ -134,9 +186,8 @@ class DRLocModel(nn.Module):
         The DRLocModel cannot compute its loss after this (a train-mode forward raises); eval forwards,
         which run the backbone alone, still work.
         """
-        for handle in self._hook_handles:
-            handle.remove()
-        self._hook_handles = []
+        if self.reader is not None:
+            self.reader.remove()
 
 
 def _prefix_matcher(matcher, prefix: str):

@@ -1,8 +1,14 @@
-"""DRLocTask: timm training task that adds the DRLoc loss to classification.
+"""DRLocTask: timm training task that adds the DRLoc loss to classification, or to any other timm task.
 
-A sibling of timm's FeatureDistillationTask: the trainable module is a DRLocModel (backbone + DRLoc
-heads), the eval model is the plain backbone, and the heads are task state, kept out of the model's
+Alone it is a sibling of timm's FeatureDistillationTask: the trainable module is a DRLocModel (backbone +
+DRLoc heads), the eval model is the plain backbone, and the heads are task state, kept out of the model's
 state_dict, so every checkpoint `state_dict` is a plain timm state dict.
+
+Over a base task (`base_task=`: timm's logit, feature or token distillation, or any TrainingTask) the
+base task computes its loss as it does without DRLoc, from the one student forward it runs; the DRLoc
+heads read the grids of that same pass (trainable.py says how) and DRLocTask adds lambda times their
+loss. Eval model, checkpoint `state_dict` and evaluator stay the base task's; the task state holds the
+heads beside the base task's own (a feature projection).
 """
 import logging
 import math
@@ -13,9 +19,10 @@ import torch
 import torch.nn as nn
 from timm.task import TrainingTask
 from timm.task.classification import resolve_classification_loss
-from timm.utils.model import unwrap_model
 
+from .errors import ConfigError
 from .model import DRLocModel, DRLocOutput, wrap
+from .trainable import DRLocTrainableModule, attach, check_base_task, find_inside
 
 _logger = logging.getLogger(__name__)
 
@@ -50,35 +57,53 @@ def check_drloc_lambda(value: float) -> float:
     return float(value)
 
 
-def _find_drloc(module: Optional[nn.Module]) -> Optional[DRLocModel]:
-    """The DRLocModel inside EMA / DDP / compile wrappers."""
-    inner = unwrap_model(module) if module is not None else None  # timm strips EMA, DDP and compile wrappers
-    return inner if isinstance(inner, DRLocModel) else None
+HEADS_KEY = 'drloc_heads'  # the heads' entry in the task state
+_TRAINABLE = (DRLocModel, DRLocTrainableModule)  # what DRLocTask trains, alone / over a base task
+
+
+def _find_trainable(module: Optional[nn.Module]) -> Optional[Union[DRLocModel, DRLocTrainableModule]]:
+    """The DRLocModel / DRLocTrainableModule inside EMA, DDP and torch.compile wrappers, or None."""
+    return find_inside(module, _TRAINABLE)
 
 
 class DRLocTask(TrainingTask):
-    """Classification with the DRLoc auxiliary loss: loss = task_loss + lambda * drloc_loss.
+    """The DRLoc auxiliary loss added to classification, or to another timm task.
+
+    loss = task_loss + lambda * drloc_loss alone; loss = (the base task's loss) + lambda * drloc_loss
+    over a base task. Either way the student runs forward once per step.
 
     Args:
-        model: the model to train (a timm model, or any nn.Module with `layers`).
+        model: the model to train (a timm model, or any nn.Module with `layers`); over a base task, the
+            student that task trains (the same object).
         drloc_lambda: weight of the DRLoc loss (>= 0); change it per epoch with `set_drloc_lambda`.
         criterion: classification loss; created from `criterion_kwargs` with timm's
             create_classification_loss when None (label smoothing, soft targets for mixup, BCE...).
+            Not with `base_task`, which has its own.
         criterion_kwargs: arguments of create_classification_loss.
         mode, num_samples, multiscale, use_abs, normalize, hidden_dim, layers, layout, input_size:
             passed to `timm_drloc.wrap()`.
-        device: device for the task, its heads and criterion.
-        dtype: dtype for task tensors.
+        base_task: a timm TrainingTask to add DRLoc to (LogitDistillationTask, FeatureDistillationTask,
+            TokenDistillationTask, ...), built on `model` and not yet compiled, DDP-wrapped or with EMA.
+            DRLocTask then owns it: call compile / prepare_distributed / setup_ema on the DRLocTask.
+        device: device for the task, its heads and criterion (default: the base task's).
+        dtype: dtype for task tensors (default: the base task's).
         verbose: log the set-up.
 
     Returns (forward):
-        {'loss', 'output', 'task_loss', 'drloc_loss'}
+        alone: {'loss', 'output', 'task_loss', 'drloc_loss'}; over a base task: the base task's
+        dict ('loss', 'output', 'task_loss', 'kd_loss' or 'distill_loss', ...) plus 'drloc_loss'.
 
     Example:
         >>> task = DRLocTask(model, drloc_lambda=0.5, criterion_kwargs=dict(smoothing=0.1))
         >>> optimizer = create_optimizer_v2(task.get_trainable_module(), 'adamw', lr=1e-3)
         >>> result = task(images, labels)
         >>> result['loss'].backward()
+
+        Over logit distillation:
+
+        >>> kd = LogitDistillationTask(model, teacher, temperature=4.0)
+        >>> task = DRLocTask(model, drloc_lambda=0.5, base_task=kd)
+        >>> result = task(images, labels)  # {'loss', 'output', 'task_loss', 'kd_loss', 'drloc_loss'}
     """
 
     def __init__(
@@ -96,22 +121,33 @@ class DRLocTask(TrainingTask):
             layers: Optional[Sequence[str]] = None,
             layout: Optional[str] = None,
             input_size: Optional[Sequence[int]] = None,
+            base_task: Optional[TrainingTask] = None,
             device: Optional[torch.device] = None,
             dtype: Optional[torch.dtype] = None,
             verbose: bool = True,
     ):
+        if base_task is not None:
+            _check_base_task(base_task, model, criterion, criterion_kwargs)
+            device = device if device is not None else base_task.device
+            dtype = dtype if dtype is not None else base_task.dtype
         super().__init__(device=device, dtype=dtype, verbose=verbose)
         self.drloc_lambda = check_drloc_lambda(drloc_lambda)
-        self.trainable_module = wrap(
+        drloc = wrap(
             model, mode=mode, num_samples=num_samples, multiscale=multiscale, use_abs=use_abs,
             normalize=normalize, hidden_dim=hidden_dim, layers=layers, layout=layout, input_size=input_size,
         ).to(device=self.device)
-        self.criterion = resolve_classification_loss(criterion, self.device, criterion_kwargs=criterion_kwargs)
+        self.base_task = base_task
+        if base_task is None:
+            self.trainable_module = drloc
+            self.criterion = resolve_classification_loss(criterion, self.device, criterion_kwargs=criterion_kwargs)
+        else:
+            self.trainable_module = attach(base_task, drloc)
         if self.verbose:
             grids = ', '.join(f'{s.name} {s.grid_size[0]}x{s.grid_size[1]}x{s.num_chs} ({s.layout})'
-                              for s in self.trainable_module.sources)
+                              for s in drloc.sources)
+            over = f" over {type(base_task).__name__}" if base_task is not None else ''
             _logger.info(
-                f"DRLocTask: lambda={self.drloc_lambda}, mode={mode}, samples={num_samples}, "
+                f"DRLocTask{over}: lambda={self.drloc_lambda}, mode={mode}, samples={num_samples}, "
                 f"abs={use_abs}, normalize={normalize}, grids: {grids}")
 
     def set_drloc_lambda(self, value: float) -> None:
@@ -119,30 +155,81 @@ class DRLocTask(TrainingTask):
         self.drloc_lambda = check_drloc_lambda(value)
 
     def prepare_distributed(self, device_ids: Optional[list] = None, **ddp_kwargs) -> 'DRLocTask':
-        """Wrap the trainable module (backbone + heads) in DistributedDataParallel."""
+        """Wrap the trainable module (backbone + heads, and the base task's extras) in DistributedDataParallel.
+
+        Over a base task, the base task's own prepare_distributed does it (it also freezes its teacher),
+        on its trainable module, which holds the heads.
+        """
         from torch.nn.parallel import DistributedDataParallel as DDP
-        self.trainable_module = DDP(self.trainable_module, device_ids=device_ids, **ddp_kwargs)
+        if self.base_task is None:
+            self.trainable_module = DDP(self.trainable_module, device_ids=device_ids, **ddp_kwargs)
+            return self
+        if ddp_kwargs.get('find_unused_parameters'):
+            raise ConfigError(
+                "find_unused_parameters=True does not work with DRLoc over a base task: DDP looks for used "
+                "parameters in the module output, and the DRLoc loss travels beside it. Leave it False (every "
+                "head parameter gets a gradient at each step).")
+        self.base_task.prepare_distributed(device_ids=device_ids, **ddp_kwargs)
+        wrapped = self.base_task.trainable_module
+        if find_inside(wrapped, DRLocTrainableModule) is None:
+            raise RuntimeError(
+                f"{type(self.base_task).__name__}.prepare_distributed() replaced its trainable module with "
+                f"{type(wrapped).__name__}, which does not hold the DRLoc heads: their gradients would not be "
+                f"averaged across ranks.")
+        self.trainable_module = wrapped
         return self
 
     def compile(self, backend: str = 'inductor', mode: Optional[str] = None, **compile_kwargs) -> nn.Module:
-        """Compile the train forward (backbone + heads) and the eval backbone, before DDP wrapping."""
-        drloc = _find_drloc(self.trainable_module)
-        self.eval_model = torch.compile(drloc.model, backend=backend, mode=mode, **compile_kwargs)
+        """Compile the train forward (backbone + heads) and the eval backbone, before DDP wrapping.
+
+        Over a base task, the base task compiles what it compiles without DRLoc (its teacher, its eval
+        model) and the train forward compiled is the base task's module with the heads.
+        """
+        inner = _find_trainable(self.trainable_module)
+        if self.base_task is None:
+            self.eval_model = torch.compile(inner.model, backend=backend, mode=mode, **compile_kwargs)
+        else:
+            self.eval_model = self._compile_base_task(inner, backend=backend, mode=mode, **compile_kwargs)
         self.trainable_module = torch.compile(self.trainable_module, backend=backend, mode=mode, **compile_kwargs)
+        if self.base_task is not None:
+            self.base_task.trainable_module = self.trainable_module
         return self.eval_model
+
+    def _compile_base_task(self, inner: DRLocTrainableModule, **compile_kwargs) -> nn.Module:
+        """Let the base task compile on its own module (as without DRLoc); return the eval model it compiled."""
+        base = self.base_task
+        base.trainable_module = inner.module
+        try:
+            eval_model = base.compile(**compile_kwargs)
+        finally:
+            base.trainable_module = self.trainable_module
+        if eval_model is None:  # a base task that compiles nothing itself
+            eval_model = torch.compile(self.get_eval_model(), **compile_kwargs)
+        return eval_model
 
     def get_eval_model(self, module: Optional[nn.Module] = None, ema: bool = False) -> Optional[nn.Module]:
         """The plain backbone (what validation runs and checkpoints save), EMA or not."""
         resolved = super().get_eval_model(module=module, ema=ema)
-        drloc = _find_drloc(resolved) if resolved is not None else None
-        return drloc.model if drloc is not None else resolved
+        inner = _find_trainable(resolved)
+        if inner is None:
+            return resolved
+        if self.base_task is None:
+            return inner.model
+        return self.base_task.get_eval_model(module=inner.module, ema=ema)
 
     def get_task_state(self, module: Optional[nn.Module] = None, ema: bool = False) -> Dict[str, Any]:
-        """The DRLoc heads' state (kept out of the model state_dict)."""
-        drloc = _find_drloc(module if module is not None else self.get_trainable_module(ema=ema))
-        if drloc is None:
+        """The DRLoc heads' state (kept out of the model state_dict), beside the base task's task state."""
+        inner = _find_trainable(module if module is not None else self.get_trainable_module(ema=ema))
+        if inner is None:
             return {}
-        return {'drloc_heads': drloc.heads.state_dict()}
+        state = {}
+        if self.base_task is not None:
+            state = dict(self.base_task.get_task_state(module=inner.module, ema=ema))
+            if HEADS_KEY in state:
+                raise RuntimeError(f"{type(self.base_task).__name__} keeps task state named '{HEADS_KEY}' too; "
+                                   f"DRLoc cannot be added to it.")
+        state[HEADS_KEY] = inner.heads.state_dict()
+        return state
 
     def load_task_state(
             self,
@@ -151,45 +238,85 @@ class DRLocTask(TrainingTask):
             module: Optional[nn.Module] = None,
             ema: bool = False,
     ) -> None:
-        """Load the DRLoc heads saved by `get_task_state`."""
-        if not state or 'drloc_heads' not in state:
-            if strict:
-                raise RuntimeError(
-                    "The checkpoint has no DRLoc head state ('drloc_heads' in task_state): it was not saved by a "
-                    "DRLoc run. Resume it with --drloc-lambda 0, or start the heads fresh by loading it as "
-                    "--initial-checkpoint.")
+        """Load the DRLoc heads (and the base task's state) saved by `get_task_state`."""
+        heads = (state or {}).get(HEADS_KEY)
+        if heads is None and strict:
+            raise RuntimeError(
+                "The checkpoint has no DRLoc head state ('drloc_heads' in task_state): it was not saved by a "
+                "DRLoc run. Resume it with --drloc-lambda 0, or start the heads fresh by loading it as "
+                "--initial-checkpoint.")
+        if not state or (heads is None and self.base_task is None):
             return
-        drloc = _find_drloc(module if module is not None else self.get_trainable_module(ema=ema))
-        if drloc is None:
+        inner = _find_trainable(module if module is not None else self.get_trainable_module(ema=ema))
+        if inner is None:
             raise RuntimeError("Cannot load EMA task state before setup_ema()." if ema else
                                "Cannot load task state without a trainable module.")
-        drloc.heads.load_state_dict(state['drloc_heads'], strict=strict)
+        if self.base_task is not None:
+            base_state = {k: v for k, v in state.items() if k != HEADS_KEY}
+            self._load_base_task_state(base_state, strict, inner, ema)
+        if heads is not None:
+            inner.heads.load_state_dict(heads, strict=strict)
+
+    def _load_base_task_state(
+            self, state: Dict[str, Any], strict: bool, inner: DRLocTrainableModule, ema: bool) -> None:
+        """The base task's entries of the task state; with `strict`, exactly the entries it keeps."""
+        expected = set(self.base_task.get_task_state(module=inner.module, ema=ema))
+        if strict and set(state) != expected:
+            raise RuntimeError(
+                f"The checkpoint's task state for {type(self.base_task).__name__} has entries {sorted(state)}, this "
+                f"task keeps {sorted(expected)} (a feature projection exists when student and teacher feature sizes "
+                f"differ). Resume with the base task set up as when the checkpoint was saved, or load with "
+                f"strict=False.")
+        self.base_task.load_task_state(state, strict=strict, module=inner.module, ema=ema)
+
+    def update_ema(self, step: Optional[int] = None) -> None:
+        """Move the EMA copy (backbone, heads, the base task's extras) towards the live module."""
+        if self.has_ema():
+            self.get_trainable_module(ema=True).update(_find_trainable(self.trainable_module), step=step)
 
     def get_clip_parameters(self, exclude_head: bool = False):
-        """Backbone parameters (less its classifier for AGC, as timm does) and the DRLoc heads."""
-        drloc = _find_drloc(self.trainable_module)
-        parameters = list(drloc.model.parameters())
-        if exclude_head:
-            parameters = parameters[:-2]
-        return parameters + list(drloc.heads.parameters())
+        """Backbone parameters (less its classifier for AGC, as timm does), or the base task's clip
+        parameters, and the DRLoc heads."""
+        inner = _find_trainable(self.trainable_module)
+        if self.base_task is None:
+            parameters = list(inner.model.parameters())
+            if exclude_head:
+                parameters = parameters[:-2]
+        else:
+            parameters = list(self.base_task.get_clip_parameters(exclude_head=exclude_head))
+        listed = {id(p) for p in parameters}
+        return parameters + [p for p in inner.heads.parameters() if id(p) not in listed]
+
+    def create_evaluator(self, **kwargs):
+        """The base task's evaluator over a base task, else timm's classification evaluator."""
+        if self.base_task is not None:
+            return self.base_task.create_evaluator(**kwargs)
+        return super().create_evaluator(**kwargs)
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """Forward pass, classification loss and weighted DRLoc loss.
+        """Forward pass, the task's loss and the weighted DRLoc loss.
 
         Args:
             input: (B, C, H, W) images.
-            target: (B,) labels or (B, num_classes) soft targets.
+            target: (B,) labels or (B, num_classes) soft targets (what the base task takes).
 
         Returns:
-            {'loss': task_loss + lambda * drloc_loss, 'output': logits, 'task_loss', 'drloc_loss'}
+            alone: {'loss': task_loss + lambda * drloc_loss, 'output': logits, 'task_loss', 'drloc_loss'};
+            over a base task: its dict with 'loss' + lambda * drloc_loss and 'drloc_loss' added.
         """
+        if self.base_task is not None:
+            result = dict(self.base_task(input, target))
+            drloc_loss = _find_trainable(self.trainable_module).pop_drloc_loss()
+            result['loss'] = result['loss'] + self.drloc_lambda * drloc_loss
+            result['drloc_loss'] = drloc_loss
+            return result
         out = self.trainable_module(input)
         if not isinstance(out, DRLocOutput) and isinstance(out, tuple) and len(out) == 2:
             out = DRLocOutput(*out)
         if not isinstance(out, DRLocOutput):
             raise RuntimeError("DRLocTask needs the trainable module in train mode (call task.train()).")
         if not torch.is_tensor(out.logits):
-            backbone = _find_drloc(self.trainable_module).model
+            backbone = _find_trainable(self.trainable_module).model
             kind = f'a dict (keys {list(out.logits)[:5]})' if isinstance(out.logits, dict) else \
                 f'a {type(out.logits).__name__}'
             raise ValueError(f"{type(backbone).__name__}'s forward returns {kind}, not the logits tensor the "
@@ -202,3 +329,18 @@ class DRLocTask(TrainingTask):
             'task_loss': task_loss,
             'drloc_loss': out.drloc_loss,
         }
+
+
+def _check_base_task(
+        base_task: TrainingTask,
+        model: nn.Module,
+        criterion: Optional[Union[nn.Module, Callable]],
+        criterion_kwargs: Optional[Dict[str, Any]],
+) -> None:
+    """What DRLocTask itself refuses about a base task, then what trainable.check_base_task does."""
+    if isinstance(base_task, DRLocTask):
+        raise ConfigError("base_task is a DRLocTask already: add DRLoc to a task once.")
+    if criterion is not None or criterion_kwargs:
+        raise ConfigError(f"criterion / criterion_kwargs with base_task: {type(base_task).__name__} computes the "
+                          f"task loss with its own criterion. Pass the criterion to the base task instead.")
+    check_base_task(base_task, model)
