@@ -59,7 +59,7 @@ def train_and_save(run_dir: Path, args: argparse.Namespace, model_kwargs=None) -
         optimizer.zero_grad()
         result['loss'].backward()
         optimizer.step()
-        task.update_ema(step=epoch)
+        task.update_ema(step=epoch + 2)  # timm's first EMA updates copy the model: past them, EMA != model
         update_summary(epoch, {'loss': result['loss'].item()}, {'loss': 1.0, 'top1': top1, 'top5': 100.0},
                        str(run_dir / 'summary.csv'), write_header=epoch == 0)
         saver.save_checkpoint(epoch, metric=top1)
