@@ -50,6 +50,7 @@ class _Crash(Exception):
     """Stands for the process dying at this point."""
 
 
+@pytest.mark.training_run
 def test_crash_while_writing_a_checkpoint_keeps_last_whole_and_resume_writes_each_epoch_once(
         monkeypatch, tmp_path, image_folder):
     real_save = torch.save
@@ -81,6 +82,7 @@ def test_crash_while_writing_a_checkpoint_keeps_last_whole_and_resume_writes_eac
     assert load_checkpoint_metadata(exp / 'last.pth.tar')['epoch'] == 1
 
 
+@pytest.mark.training_run
 def test_crash_while_copying_a_new_model_best_keeps_the_previous_one_whole(monkeypatch, tmp_path, image_folder):
     def no_hard_links(src, dst, *args, **kwargs):
         raise OSError('hard links not supported here')

@@ -79,7 +79,7 @@ def drloc_model(entry: str, settings, request, monkeypatch, tmp_path):
     return wrap(model, **kwargs)
 
 
-@pytest.mark.parametrize('entry', ['command_line', 'task', 'wrap'])
+@pytest.mark.parametrize('entry', [pytest.param('command_line', marks=pytest.mark.training_run), 'task', 'wrap'])
 @pytest.mark.parametrize('setting', list(SETTINGS))
 def test_mode_sign_and_normalization_reach_the_head(request, monkeypatch, tmp_path, entry, setting):
     drloc = drloc_model(entry, SETTINGS[setting], request, monkeypatch, tmp_path)
@@ -93,6 +93,7 @@ def test_mode_sign_and_normalization_reach_the_head(request, monkeypatch, tmp_pa
     assert loss.item() == pytest.approx(zero_head_loss(*SETTINGS[setting]), rel=0.03 if setting[:2] == 'l1' else 1e-6)
 
 
+@pytest.mark.training_run
 @pytest.mark.parametrize('signed', [False, True], ids=['absolute', 'signed'])
 def test_command_line_offset_classes_in_task_state_are_k_absolute_and_2k_minus_1_signed(
         monkeypatch, tmp_path, image_folder, signed):

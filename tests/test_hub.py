@@ -25,6 +25,8 @@ import timm_drloc
 from timm_drloc import hub
 from timm_drloc.errors import ExitCode
 
+pytestmark = pytest.mark.training_run  # trains: left out of the core modules' mutation run
+
 MEAN = (0.25, 0.5, 0.75)
 STD = (0.2, 0.3, 0.4)
 CLASSES = ['cat', 'dog', 'frog']
@@ -103,6 +105,7 @@ def file_digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+@pytest.mark.slow
 def test_exported_checkpoint_loads_in_plain_timm_with_same_logits_and_training_preprocessing(run, tmp_path):
     out = hub.export(run.dir / 'model_best.pth.tar', tmp_path / 'export', label_names=CLASSES)
     loaded = load_in_plain_timm(out, run.dir / 'reference.pt')

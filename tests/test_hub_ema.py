@@ -10,6 +10,8 @@ import torch
 from test_hub import FakeHub, train_and_save, training_args
 from timm_drloc import hub
 
+pytestmark = pytest.mark.training_run  # trains: left out of the core modules' mutation run
+
 
 @pytest.fixture(scope='module')
 def ema_run(tmp_path_factory):

@@ -6,6 +6,8 @@ import pytest
 import timm_drloc.train as train
 from timm_drloc import DRLocTask
 
+pytestmark = pytest.mark.training_run  # trains: left out of the core modules' mutation run
+
 
 def test_logged_drloc_loss_is_the_mean_of_the_drloc_losses_of_the_epochs_steps(monkeypatch, tmp_path,
                                                                                 image_folder_factory):

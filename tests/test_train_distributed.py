@@ -42,6 +42,7 @@ train.run()
 '''
 
 
+@pytest.mark.slow
 def test_torchrun_two_ranks_agree_and_log_the_mean_drloc_loss(tmp_path, image_folder):
     script = tmp_path / 'rank_dump.py'
     script.write_text(RANK_DUMP)

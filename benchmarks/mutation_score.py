@@ -1,0 +1,77 @@
+"""Mutation score per module from a `mutmut run` (the `mutants/` folder it leaves), and the surviving mutants.
+
+    python benchmarks/mutation_score.py [--equivalent benchmarks/mutation_equivalent.txt] [--survivors]
+
+Score = killed / (killed + survived), where killed includes timeouts; mutants listed as equivalent in the
+`--equivalent` file (one mutant name per line, then ' # why') are counted apart, and not in the score.
+Mutants no test reaches ('no tests') and those not run ('not checked') are reported, not scored.
+See README "Development" for the commands that produce `mutants/`.
+"""
+import argparse
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Dict, Iterator, Optional, Set, Tuple
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# mutmut 3's exit codes of a mutant's test run (mutmut/stats.py)
+STATUS = {1: 'killed', 3: 'killed', 0: 'survived', 5: 'no tests', 33: 'no tests', 34: 'skipped', None: 'not checked',
+          36: 'timeout', 24: 'timeout', -24: 'timeout', 152: 'timeout', 255: 'timeout', -11: 'segfault', -9: 'segfault'}
+
+
+def mutant_results(mutants_dir: Path) -> Iterator[Tuple[str, str, str]]:
+    """(module file, mutant name, status) for every mutant mutmut generated."""
+    for meta in sorted(mutants_dir.rglob('*.py.meta')):
+        module = str(meta.relative_to(mutants_dir))[:-len('.meta')]
+        for name, code in json.loads(meta.read_text())['exit_code_by_key'].items():
+            yield module, name, STATUS.get(code, 'suspicious')
+
+
+def read_equivalent(path: Optional[Path]) -> Dict[str, str]:
+    """Mutant name -> why it is equivalent, from lines 'NAME  # reason'."""
+    if path is None or not path.is_file():
+        return {}
+    found = {}
+    for line in path.read_text().splitlines():
+        name, _, why = line.partition('#')
+        if name.strip():
+            found[name.strip()] = why.strip()
+    return found
+
+
+def summarize(mutants_dir: Path, equivalent: Dict[str, str]) -> Tuple[Dict[str, Counter], Set[str]]:
+    counts: Dict[str, Counter] = {}
+    survivors = set()
+    for module, name, status in mutant_results(mutants_dir):
+        if status == 'survived' and name in equivalent:
+            status = 'equivalent'
+        elif status == 'timeout':
+            status = 'killed'
+        elif status == 'survived':
+            survivors.add(name)
+        counts.setdefault(module, Counter())[status] += 1
+    return counts, survivors
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--mutants', type=Path, default=ROOT / 'mutants', help='the folder mutmut run leaves')
+    parser.add_argument('--equivalent', type=Path, default=ROOT / 'benchmarks' / 'mutation_equivalent.txt')
+    parser.add_argument('--survivors', action='store_true', help='list the surviving, non-equivalent mutants')
+    args = parser.parse_args(argv)
+    counts, survivors = summarize(args.mutants, read_equivalent(args.equivalent))
+    columns = ('killed', 'survived', 'equivalent', 'no tests', 'not checked')
+    print(f"{'module':<24}" + ''.join(f'{c:>12}' for c in columns) + f"{'score':>8}")
+    for module, c in sorted(counts.items()):
+        scored = c['killed'] + c['survived']
+        score = f'{100 * c["killed"] / scored:.1f}%' if scored else '-'
+        print(f'{module:<24}' + ''.join(f'{c[k]:>12}' for k in columns) + f'{score:>8}')
+    if args.survivors:
+        print('\nsurvived:')
+        for name in sorted(survivors):
+            print(f'  {name}')
+
+
+if __name__ == '__main__':
+    main()
