@@ -2,6 +2,8 @@
 # Mutation testing with mutmut 3 (pip install -e ".[dev]"); a benchmark, not part of .ci/run.
 #   bash benchmarks/mutation.sh core    # timm_drloc/losses, head, grids, model, task
 #   bash benchmarks/mutation.sh train   # the run-critical functions of timm_drloc/train.py and hub.py
+#   bash benchmarks/mutation.sh core-sample N  # a seeded random sample of N core mutants (needs mutants/ from
+#                                              # an earlier run, which may have been interrupted)
 # Each mutant runs only the tests that reached the mutated function, picked from the fast ones by marker
 # (core: neither slow nor training_run; train: not slow). Results accumulate in mutants/;
 # benchmarks/mutation_score.py prints the score per module. CPU-heavy: MUTATION_CHILDREN (default 2) workers.
@@ -12,6 +14,9 @@ case "${1:-core}" in
   core)
     export PYTEST_ADDOPTS='-m "not slow and not training_run"'
     names=('timm_drloc.losses.*' 'timm_drloc.head.*' 'timm_drloc.grids.*' 'timm_drloc.model.*' 'timm_drloc.task.*');;
+  core-sample)
+    export PYTEST_ADDOPTS='-m "not slow and not training_run"'
+    mapfile -t names < <(python benchmarks/mutation_score.py --sample "${2:?give the sample size}");;
   train)
     export PYTEST_ADDOPTS='-m "not slow"'
     names=('timm_drloc.train.x__finite_or_stop__mutmut_*' 'timm_drloc.train.x__trim_summary__mutmut_*'
@@ -21,7 +26,7 @@ case "${1:-core}" in
            'timm_drloc.hub.x_export__mutmut_*' 'timm_drloc.hub.x_checkpoint_state_dict__mutmut_*' 'timm_drloc.hub.x_build_model__mutmut_*'
            'timm_drloc.hub.x__classifier_size__mutmut_*' 'timm_drloc.hub.x_hub_checkpoint__mutmut_*'
            'timm_drloc.hub.x_push_after_training__mutmut_*');;
-  *) echo "usage: $0 core|train" >&2; exit 2;;
+  *) echo "usage: $0 core|core-sample N|train" >&2; exit 2;;
 esac
 nice -n 5 mutmut run --max-children "${MUTATION_CHILDREN:-2}" "${names[@]}"
 python benchmarks/mutation_score.py

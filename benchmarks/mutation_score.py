@@ -1,14 +1,16 @@
 """Mutation score per module from a `mutmut run` (the `mutants/` folder it leaves), and the surviving mutants.
 
     python benchmarks/mutation_score.py [--equivalent benchmarks/mutation_equivalent.txt] [--survivors]
+    python benchmarks/mutation_score.py --sample 240 [--seed 0]   # mutant names to give `mutmut run`
 
-Score = killed / (killed + survived), where killed includes timeouts; mutants listed as equivalent in the
-`--equivalent` file (one mutant name per line, then ' # why') are counted apart, and not in the score.
-Mutants no test reaches ('no tests') and those not run ('not checked') are reported, not scored.
+Score = killed / (killed + survived + no tests): a mutant no test reaches is a change nothing would notice.
+Killed includes timeouts. Survivors listed as equivalent in the `--equivalent` file (one mutant name per
+line, then '  # why') are counted apart and left out of the score; mutants not run ('not checked') too.
 See README "Development" for the commands that produce `mutants/`.
 """
 import argparse
 import json
+import random
 from collections import Counter
 from pathlib import Path
 from typing import Dict, Iterator, Optional, Set, Tuple
@@ -48,23 +50,45 @@ def summarize(mutants_dir: Path, equivalent: Dict[str, str]) -> Tuple[Dict[str, 
             status = 'equivalent'
         elif status == 'timeout':
             status = 'killed'
-        elif status == 'survived':
+        elif status in ('survived', 'no tests'):
             survivors.add(name)
         counts.setdefault(module, Counter())[status] += 1
     return counts, survivors
+
+
+CORE = ('losses.py', 'head.py', 'grids.py', 'model.py', 'task.py')
+
+
+def sample(mutants_dir: Path, size: int, seed: int) -> list:
+    """A seeded random sample of the core modules' mutants, each module in proportion to its mutant count."""
+    by_module: Dict[str, list] = {}
+    for module, name, _ in mutant_results(mutants_dir):
+        if module.endswith(CORE):
+            by_module.setdefault(module, []).append(name)
+    total = sum(len(names) for names in by_module.values())
+    rng = random.Random(seed)
+    return [name for module, names in sorted(by_module.items())
+            for name in rng.sample(sorted(names), round(size * len(names) / total))]
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--mutants', type=Path, default=ROOT / 'mutants', help='the folder mutmut run leaves')
     parser.add_argument('--equivalent', type=Path, default=ROOT / 'benchmarks' / 'mutation_equivalent.txt')
-    parser.add_argument('--survivors', action='store_true', help='list the surviving, non-equivalent mutants')
+    parser.add_argument('--survivors', action='store_true',
+                        help="list the surviving, non-equivalent mutants and those no test reaches")
+    parser.add_argument('--sample', type=int, default=0,
+                        help='print a seeded random sample of this many core-module mutant names and stop')
+    parser.add_argument('--seed', type=int, default=0)
     args = parser.parse_args(argv)
+    if args.sample:
+        print('\n'.join(sample(args.mutants, args.sample, args.seed)))
+        return
     counts, survivors = summarize(args.mutants, read_equivalent(args.equivalent))
     columns = ('killed', 'survived', 'equivalent', 'no tests', 'not checked')
     print(f"{'module':<24}" + ''.join(f'{c:>12}' for c in columns) + f"{'score':>8}")
     for module, c in sorted(counts.items()):
-        scored = c['killed'] + c['survived']
+        scored = c['killed'] + c['survived'] + c['no tests']
         score = f'{100 * c["killed"] / scored:.1f}%' if scored else '-'
         print(f'{module:<24}' + ''.join(f'{c[k]:>12}' for k in columns) + f'{score:>8}')
     if args.survivors:

@@ -1,0 +1,73 @@
+"""DRLocTask through torch.compile and DistributedDataParallel: which module each wrapper holds, and that
+the DRLoc heads stay reachable for checkpoints, clipping and training."""
+import pytest
+import timm
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from timm_drloc import DRLocModel, DRLocTask
+
+
+def make_task():
+    torch.manual_seed(0)
+    model = timm.create_model('vit_tiny_patch16_224', num_classes=3, img_size=32, patch_size=8, depth=1,
+                              embed_dim=32, num_heads=2)
+    return model, DRLocTask(model, hidden_dim=16, verbose=False)
+
+
+def test_compile_wraps_the_backbone_for_eval_and_backbone_with_heads_for_training():
+    model, task = make_task()
+    drloc = task.get_trainable_module()
+    eval_model = task.compile(backend='eager')
+
+    assert eval_model is task.get_eval_model()
+    assert eval_model._orig_mod is model  # validation runs the plain backbone
+    assert task.get_trainable_module()._orig_mod is drloc  # training runs backbone and heads
+    assert task.get_task_state()['drloc_heads'].keys() == drloc.heads.state_dict().keys()
+
+
+@pytest.fixture
+def process_group(tmp_path):
+    dist.init_process_group('gloo', init_method=f'file://{tmp_path}/pg', rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.mark.usefixtures('process_group')
+def test_prepare_distributed_puts_backbone_and_heads_in_one_ddp_module():
+    model, task = make_task()
+    drloc = task.get_trainable_module()
+    assert task.prepare_distributed(broadcast_buffers=False) is task
+
+    ddp = task.get_trainable_module()
+    assert isinstance(ddp, DistributedDataParallel) and ddp.module is drloc and not ddp.broadcast_buffers
+    assert task.get_eval_model() is model
+    assert len(task.get_clip_parameters()) == len(list(drloc.parameters()))
+    task.train()
+    out = task(torch.randn(2, 3, 32, 32), torch.tensor([0, 1]))
+    out['loss'].backward()
+    assert all(p.grad is not None for p in drloc.heads.parameters())
+    assert isinstance(drloc, DRLocModel)
+
+
+def test_clip_parameters_without_the_classifier_leave_out_only_its_weight_and_bias():
+    model, task = make_task()
+    heads = list(task.get_trainable_module().heads.parameters())
+    params = task.get_clip_parameters(exclude_head=True)
+
+    backbone = list(model.parameters())
+    assert params == backbone[:-2] + heads
+    assert backbone[-2] is model.head.weight and backbone[-1] is model.head.bias
+
+
+@pytest.mark.parametrize('epoch,expected', [(0, 0.0), (0.5, 0.25), (1, 0.5), (2, 0.5)])
+def test_one_warmup_epoch_ramps_from_zero(epoch, expected):
+    from timm_drloc import drloc_lambda_at
+    assert drloc_lambda_at(epoch, 0.5, num_epochs=3, warmup_epochs=1) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize('epoch,expected', [(2, 1.0), (2.5, 0.5), (3, 0.0), (4, 0.0)])
+def test_decay_over_the_last_epoch_reaches_zero_and_stays_there(epoch, expected):
+    from timm_drloc import drloc_lambda_at
+    assert drloc_lambda_at(epoch, 1.0, num_epochs=3, warmup_epochs=2, decay=True) == pytest.approx(expected)
