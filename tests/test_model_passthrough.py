@@ -53,3 +53,30 @@ def test_backbone_without_optimizer_hooks_has_no_group_matcher_and_no_weight_dec
     assert wrap(vit(), hidden_dim=8).no_weight_decay() == {'model.pos_embed', 'model.cls_token', 'model.dist_token',
                                                            'model.reg_token'} & {f'model.{n}' for n in
                                                                                  vit().no_weight_decay()}
+
+
+class Grouped(Plain):
+    """A user model whose group_matcher mixes plain patterns, (pattern, order) pairs, or is a function."""
+
+    def __init__(self, as_function: bool = False):
+        super().__init__()
+        self.as_function = as_function
+
+    def group_matcher(self, coarse: bool = False):
+        if self.as_function:
+            return lambda name: (0,) if name.startswith('features') else (1,)
+        return dict(stem=r'^features', blocks=[r'^fc\.weight', (r'^fc\.bias', (9,))])
+
+
+def test_group_matcher_patterns_of_every_form_are_anchored_at_model():
+    drloc = wrap(Grouped(), layers=['features'], input_size=(3, 32, 32), hidden_dim=8)
+    matcher = drloc.group_matcher()
+    assert matcher['stem'] == r'^model\.(?:features)'
+    (weight, (bias, order)) = matcher['blocks']
+    assert (weight, bias, order) == (r'^model\.(?:fc\.weight)', r'^model\.(?:fc\.bias)', (9,))
+
+
+def test_group_matcher_function_sees_the_backbones_own_names():
+    drloc = wrap(Grouped(as_function=True), layers=['features'], input_size=(3, 32, 32), hidden_dim=8)
+    matcher = drloc.group_matcher()
+    assert [matcher('model.features.weight'), matcher('model.fc.weight'), matcher('features.bias')] == [(0,), (1,), (0,)]
