@@ -115,3 +115,28 @@ def test_crash_while_copying_a_new_model_best_keeps_the_previous_one_whole(monke
     assert len(best_copies) == 2
     assert load_checkpoint_metadata(exp / 'model_best.pth.tar')['epoch'] == 0
     assert (exp / 'model_best.pth.tar').read_bytes() == (exp / 'checkpoint-0.pth.tar').read_bytes()
+
+
+def test_state_without_heads_is_refused_with_the_way_out_or_skipped_when_not_strict():
+    task = make_task()
+    before = {k: v.clone() for k, v in task.get_task_state()['drloc_heads'].items()}
+    for state in (None, {}, {'other_task': {}}):
+        with pytest.raises(RuntimeError) as error:
+            task.load_task_state(state)
+        assert str(error.value) == (
+            "The checkpoint has no DRLoc head state ('drloc_heads' in task_state): it was not saved by a DRLoc run. "
+            "Resume it with --drloc-lambda 0, or start the heads fresh by loading it as --initial-checkpoint.")
+        task.load_task_state(state, strict=False)  # nothing to load, nothing changed
+    assert all(torch.equal(v, before[k]) for k, v in task.get_task_state()['drloc_heads'].items())
+
+
+def test_ema_head_state_loads_into_the_ema_heads_once_ema_exists():
+    task = make_task()
+    heads = {k: torch.full_like(v, 0.5) for k, v in task.get_task_state()['drloc_heads'].items()}
+    with pytest.raises(RuntimeError) as error:
+        task.load_task_state({'drloc_heads': heads}, ema=True)
+    assert str(error.value) == 'Cannot load EMA task state before setup_ema().'
+    task.setup_ema(decay=0.5)
+    task.load_task_state({'drloc_heads': heads}, ema=True)
+    assert all(torch.equal(v, heads[k]) for k, v in task.get_task_state(ema=True)['drloc_heads'].items())
+    assert not any(torch.equal(v, heads[k]) for k, v in task.get_task_state()['drloc_heads'].items())

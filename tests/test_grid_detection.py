@@ -213,3 +213,19 @@ def test_wrapping_twice_says_how_to_get_the_plain_model_back():
         wrap(drloc)
     assert str(error.value) == ('This model is already wrapped by timm_drloc.wrap(); wrap the plain model once '
                                 '(timm_drloc.unwrap(m) gives it back).')
+
+
+def test_ce_with_normalized_targets_is_refused_with_the_alternatives():
+    with pytest.raises(ValueError) as error:
+        DRLocHead(8, (4, 4), mode='ce', normalize=True)
+    assert str(error.value) == ("normalize=True has no meaning with mode='ce': its targets are offset classes, not "
+                                "values. Use normalize=False, or mode='l1' / 'cbr'.")
+
+
+def test_training_forward_after_remove_hooks_says_what_to_do_instead():
+    drloc = wrap(UserModel(), layers=['stage'], input_size=(3, 32, 32), hidden_dim=8)
+    drloc.remove_hooks()
+    with pytest.raises(RuntimeError) as error:
+        drloc(torch.randn(1, 3, 32, 32))
+    assert str(error.value) == ('remove_hooks() was called on this DRLocModel: it no longer reads grids. Train with '
+                                'a fresh timm_drloc.wrap(model), or use the plain backbone (.model) for inference.')

@@ -71,3 +71,14 @@ def test_one_warmup_epoch_ramps_from_zero(epoch, expected):
 def test_decay_over_the_last_epoch_reaches_zero_and_stays_there(epoch, expected):
     from timm_drloc import drloc_lambda_at
     assert drloc_lambda_at(epoch, 1.0, num_epochs=3, warmup_epochs=2, decay=True) == pytest.approx(expected)
+
+
+def test_forward_in_eval_mode_and_heads_for_another_module_are_refused_with_the_fix():
+    _, task = make_task()
+    task.eval()
+    with pytest.raises(RuntimeError) as error:
+        task(torch.randn(2, 3, 32, 32), torch.tensor([0, 1]))
+    assert str(error.value) == 'DRLocTask needs the trainable module in train mode (call task.train()).'
+    with pytest.raises(RuntimeError) as error:
+        task.load_task_state(task.get_task_state(), module=torch.nn.Linear(2, 2))
+    assert str(error.value) == 'Cannot load task state without a trainable module.'
