@@ -82,3 +82,26 @@ def test_forward_in_eval_mode_and_heads_for_another_module_are_refused_with_the_
     with pytest.raises(RuntimeError) as error:
         task.load_task_state(task.get_task_state(), module=torch.nn.Linear(2, 2))
     assert str(error.value) == 'Cannot load task state without a trainable module.'
+
+
+def test_task_defaults_are_the_reference_settings_and_criterion_kwargs_reach_timms_loss():
+    from timm.loss import LabelSmoothingCrossEntropy
+    model = timm.create_model('vit_tiny_patch16_224', num_classes=3, img_size=32, patch_size=8, depth=1,
+                              embed_dim=32, num_heads=2)
+    task = DRLocTask(model, criterion_kwargs=dict(smoothing=0.2), verbose=False)
+    head, = task.get_trainable_module().heads
+    assert 'mode=l1, num_samples=64, use_abs=True, normalize=False, grid_size=(4, 4)' in repr(head)
+    assert sum(p.numel() for p in head.parameters()) == (64 * 512 + 512) + (512 * 512 + 512) + (512 * 2 + 2)
+    assert task.drloc_lambda == 0.5
+    assert isinstance(task.criterion, LabelSmoothingCrossEntropy) and task.criterion.smoothing == 0.2
+
+
+@pytest.mark.parametrize('verbose', [True, False])
+def test_set_up_is_logged_only_when_verbose(caplog, verbose):
+    model = timm.create_model('vit_tiny_patch16_224', num_classes=3, img_size=32, patch_size=8, depth=1,
+                              embed_dim=32, num_heads=2)
+    with caplog.at_level('INFO'):
+        DRLocTask(model, drloc_lambda=0.25, hidden_dim=8, verbose=verbose)
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith('timm_drloc')]
+    expected = ['DRLocTask: lambda=0.25, mode=l1, samples=64, abs=True, normalize=False, grids: blocks.0 4x4x32 (NLC)']
+    assert lines == (expected if verbose else [])
