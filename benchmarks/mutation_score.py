@@ -1,7 +1,7 @@
 """Mutation score per module from a `mutmut run` (the `mutants/` folder it leaves), and the surviving mutants.
 
     python benchmarks/mutation_score.py [--equivalent benchmarks/mutation_equivalent.txt] [--survivors]
-    python benchmarks/mutation_score.py --sample 240 [--seed 0]   # mutant names to give `mutmut run`
+    python benchmarks/mutation_score.py --sample 240 [--seed 0] [--match GLOB ...]   # names for `mutmut run`
 
 Score = killed / (killed + survived + no tests): a mutant no test reaches is a change nothing would notice.
 Killed includes timeouts. Survivors listed as equivalent in the `--equivalent` file (one mutant name per
@@ -9,6 +9,7 @@ line, then '  # why') are counted apart and left out of the score; mutants not r
 See README "Development" for the commands that produce `mutants/`.
 """
 import argparse
+import fnmatch
 import json
 import random
 from collections import Counter
@@ -59,11 +60,12 @@ def summarize(mutants_dir: Path, equivalent: Dict[str, str]) -> Tuple[Dict[str, 
 CORE = ('losses.py', 'head.py', 'grids.py', 'model.py', 'task.py')
 
 
-def sample(mutants_dir: Path, size: int, seed: int) -> list:
-    """A seeded random sample of the core modules' mutants, each module in proportion to its mutant count."""
+def sample(mutants_dir: Path, size: int, seed: int, patterns=()) -> list:
+    """A seeded random sample of the mutants matching `patterns` (default: those of the core modules), each
+    module in proportion to its mutant count."""
     by_module: Dict[str, list] = {}
     for module, name, _ in mutant_results(mutants_dir):
-        if module.endswith(CORE):
+        if any(fnmatch.fnmatch(name, p) for p in patterns) if patterns else module.endswith(CORE):
             by_module.setdefault(module, []).append(name)
     total = sum(len(names) for names in by_module.values())
     rng = random.Random(seed)
@@ -80,9 +82,10 @@ def main(argv=None) -> None:
     parser.add_argument('--sample', type=int, default=0,
                         help='print a seeded random sample of this many core-module mutant names and stop')
     parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--match', nargs='*', default=(), help='sample among the mutant names matching these globs')
     args = parser.parse_args(argv)
     if args.sample:
-        print('\n'.join(sample(args.mutants, args.sample, args.seed)))
+        print('\n'.join(sample(args.mutants, args.sample, args.seed, args.match)))
         return
     counts, survivors = summarize(args.mutants, read_equivalent(args.equivalent))
     columns = ('killed', 'survived', 'equivalent', 'no tests', 'not checked')

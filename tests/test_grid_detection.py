@@ -229,3 +229,31 @@ def test_training_forward_after_remove_hooks_says_what_to_do_instead():
         drloc(torch.randn(1, 3, 32, 32))
     assert str(error.value) == ('remove_hooks() was called on this DRLocModel: it no longer reads grids. Train with '
                                 'a fresh timm_drloc.wrap(model), or use the plain backbone (.model) for inference.')
+
+
+def test_a_bfloat16_model_is_probed_in_its_own_dtype():
+    model = timm.create_model('resnet10t', num_classes=3).to(torch.bfloat16)
+    drloc = wrap(model, hidden_dim=8, input_size=(3, 64, 64)).to(torch.bfloat16)
+    assert drloc.sources[0].grid_size == (2, 2)
+    logits, loss = drloc(torch.randn(2, 3, 64, 64, dtype=torch.bfloat16))
+    assert logits.dtype == torch.bfloat16 and loss.dtype == torch.float32
+
+
+class ManyTokens(nn.Module):
+    """Its `tokens` module outputs 1 + 40 * 50 tokens: no square count lies within 64 below 2001."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(3, 8)
+        self.tokens = nn.Unflatten(1, (2001, 8))
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x):
+        t = self.tokens(self.embed(x.mean((2, 3))).repeat(1, 2001))  # B, 2001, C
+        return self.fc(t.mean(1))
+
+
+def test_tokens_with_an_unknown_prefix_and_no_square_count_are_refused():
+    model = ManyTokens()
+    with pytest.raises(ValueError, match=r'Tokens of shape \(1, 2001, 8\) do not form a grid for an input of \(64, 80\)'):
+        wrap(model, layers=['tokens'], input_size=(3, 64, 80))
