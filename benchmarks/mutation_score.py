@@ -43,10 +43,13 @@ def read_equivalent(path: Optional[Path]) -> Dict[str, str]:
     return found
 
 
-def summarize(mutants_dir: Path, equivalent: Dict[str, str]) -> Tuple[Dict[str, Counter], Set[str]]:
+def summarize(mutants_dir: Path, equivalent: Dict[str, str],
+              only: Optional[Set[str]] = None) -> Tuple[Dict[str, Counter], Set[str]]:
     counts: Dict[str, Counter] = {}
     survivors = set()
     for module, name, status in mutant_results(mutants_dir):
+        if only is not None and name not in only:
+            continue
         if status == 'survived' and name in equivalent:
             status = 'equivalent'
         elif status == 'timeout':
@@ -83,11 +86,14 @@ def main(argv=None) -> None:
                         help='print a seeded random sample of this many core-module mutant names and stop')
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--match', nargs='*', default=(), help='sample among the mutant names matching these globs')
+    parser.add_argument('--names', type=Path, default=None,
+                        help='score only the mutants named in this file (one a line), e.g. a sample')
     args = parser.parse_args(argv)
     if args.sample:
         print('\n'.join(sample(args.mutants, args.sample, args.seed, args.match)))
         return
-    counts, survivors = summarize(args.mutants, read_equivalent(args.equivalent))
+    only = set(args.names.read_text().split()) if args.names else None
+    counts, survivors = summarize(args.mutants, read_equivalent(args.equivalent), only)
     columns = ('killed', 'survived', 'equivalent', 'no tests', 'not checked')
     print(f"{'module':<24}" + ''.join(f'{c:>12}' for c in columns) + f"{'score':>8}")
     for module, c in sorted(counts.items()):

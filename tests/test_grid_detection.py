@@ -63,14 +63,17 @@ def test_user_module_with_nhwc_output_is_detected_and_read_as_is():
     torch.testing.assert_close(grid_received(drloc, x), model.stage(x), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize('layout', [None, 'NCHW', 'NHWC'])
-def test_grid_with_as_many_channels_as_rows_is_read_as_the_layout_given_or_nchw(layout):
+@pytest.mark.parametrize('layout,output_fmt,read_as', [
+    (None, None, 'NCHW'), ('NCHW', None, 'NCHW'), ('NHWC', None, 'NHWC'), (None, 'NHWC', 'NHWC')])
+def test_grid_with_as_many_channels_as_rows_is_read_as_given_or_as_the_models_output_fmt(layout, output_fmt, read_as):
     model = UserModel(channels=8)  # B, 8, 8, 8: NCHW and NHWC both fit
+    if output_fmt:
+        model.output_fmt = output_fmt  # as timm's NHWC models (Swin...) say
     drloc = wrap(model, layers=['stage'], input_size=(3, 32, 32), hidden_dim=8, layout=layout)
     x = torch.randn(2, 3, 32, 32)
     features = model.stage(x)
-    expected = features if layout == 'NHWC' else features.permute(0, 2, 3, 1)
-    assert drloc.sources[0].layout == (layout or 'NCHW')
+    expected = features if read_as == 'NHWC' else features.permute(0, 2, 3, 1)
+    assert drloc.sources[0].layout == read_as
     torch.testing.assert_close(grid_received(drloc, x), expected, rtol=0, atol=0)
 
 
@@ -148,6 +151,59 @@ def test_grid_of_a_container_module_comes_from_forward_intermediates():
     torch.testing.assert_close(grid_received(drloc, x), expected.permute(0, 2, 3, 1), rtol=0, atol=0)
     drloc.eval()
     torch.testing.assert_close(drloc(x), model(x), rtol=0, atol=0)
+
+
+class Split(nn.Module):
+    def forward(self, y):
+        return y[:, :3], y[:, 3:]
+
+
+class Branches(nn.Module):
+    """feature_info names a module that returns two 3-channel branches: neither is its 6-channel grid."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, stride=4, padding=1)
+        self.split = Split()
+        self.fc = nn.Linear(6, 2)
+        self.feature_info = [dict(module='split', num_chs=6, reduction=4)]
+
+    def forward_intermediates(self, x, indices=None, norm=False):
+        y = self.conv(x)
+        return y, [y] if 0 in indices else []
+
+    def forward_head(self, y):
+        return self.fc(y.mean((2, 3)))
+
+    def forward(self, x):
+        return self.forward_head(torch.cat(self.split(self.conv(x)), 1))
+
+
+def test_multi_branch_module_without_the_feature_info_branch_is_read_through_forward_intermediates():
+    torch.manual_seed(0)
+    model = Branches()
+    drloc = wrap(model, input_size=(3, 32, 32), hidden_dim=8)
+    assert [(s.name, s.grid_size, s.num_chs) for s in drloc.sources] == [('intermediates.0', (8, 8), 6)]
+    assert drloc.route == 'intermediates'
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(grid_received(drloc, x), model.conv(x).permute(0, 2, 3, 1), rtol=0, atol=0)
+
+
+class NoIntermediates(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stages = nn.ModuleList([nn.Conv2d(3, 8, 3, stride=4, padding=1)])
+        self.feature_info = [dict(module='stages', num_chs=8, reduction=4)]
+
+    def forward(self, x):
+        return self.stages[0](x).mean((2, 3))
+
+
+def test_grid_module_that_never_runs_without_forward_intermediates_is_refused_with_the_fix():
+    with pytest.raises(ValueError) as error:
+        wrap(NoIntermediates(), input_size=(3, 32, 32))
+    assert str(error.value) == ("NoIntermediates: feature_info names ['stages'], which are not modules that run, and "
+                                "there is no forward_intermediates(). Name the grid module(s) with layers=[...].")
 
 
 def test_default_head_is_the_reference_mlp_and_targets_are_in_cells():

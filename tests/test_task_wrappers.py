@@ -51,6 +51,13 @@ def test_prepare_distributed_puts_backbone_and_heads_in_one_ddp_module():
     assert isinstance(drloc, DRLocModel)
 
 
+@pytest.mark.usefixtures('process_group')
+def test_prepare_distributed_gives_ddp_the_device_ids():
+    _, task = make_task()
+    with pytest.raises(ValueError, match='device_ids'):  # DDP refuses device ids for a CPU module: they reached it
+        task.prepare_distributed(device_ids=[torch.device('cpu')])
+
+
 def test_clip_parameters_without_the_classifier_leave_out_only_its_weight_and_bias():
     model, task = make_task()
     heads = list(task.get_trainable_module().heads.parameters())
