@@ -313,3 +313,22 @@ def test_tokens_with_an_unknown_prefix_and_no_square_count_are_refused():
     model = ManyTokens()
     with pytest.raises(ValueError, match=r'Tokens of shape \(1, 2001, 8\) do not form a grid for an input of \(64, 80\)'):
         wrap(model, layers=['tokens'], input_size=(3, 64, 80))
+
+
+class TimmStyleNHWC(UserModel):
+    """A Swin-like model: feature_info names its NHWC stage, whose 18 channels make (W, C) look like a grid too."""
+
+    def __init__(self):
+        super().__init__(channels=18, layout='NHWC')
+        self.feature_info = [dict(module='stage', num_chs=18, reduction=4)]
+
+
+def test_feature_info_channels_tell_an_nhwc_map_from_an_nchw_one():
+    model = TimmStyleNHWC()
+    drloc = wrap(model, input_size=(3, 32, 48), hidden_dim=8)  # B, 8, 12, 18: (12, 18) is 32 x 48 at stride 8/3
+    assert (drloc.sources[0].layout, drloc.sources[0].grid_size) == ('NHWC', (8, 12))
+
+
+def test_nlc_given_for_a_four_dimensional_map_is_detected_from_its_shape():
+    drloc = wrap(UserModel(), layers=['stage'], input_size=(3, 32, 48), hidden_dim=8, layout='NLC')
+    assert (drloc.sources[0].layout, drloc.sources[0].grid_size) == ('NCHW', (8, 12))

@@ -27,6 +27,19 @@ def test_compile_wraps_the_backbone_for_eval_and_backbone_with_heads_for_trainin
     assert task.get_task_state()['drloc_heads'].keys() == drloc.heads.state_dict().keys()
 
 
+@pytest.mark.parametrize('kwargs,expected', [
+    ({}, dict(backend='inductor', mode=None)),
+    (dict(backend='eager', mode='max-autotune', dynamic=False), dict(backend='eager', mode='max-autotune', dynamic=False)),
+])
+def test_compile_gives_torch_compile_the_backend_mode_and_options_for_both_modules(monkeypatch, kwargs, expected):
+    model, task = make_task()
+    drloc = task.get_trainable_module()
+    calls = []
+    monkeypatch.setattr(torch, 'compile', lambda module, **options: calls.append((module, options)) or module)
+    task.compile(**kwargs)
+    assert calls == [(model, expected), (drloc, expected)]
+
+
 @pytest.fixture
 def process_group(tmp_path):
     dist.init_process_group('gloo', init_method=f'file://{tmp_path}/pg', rank=0, world_size=1)
