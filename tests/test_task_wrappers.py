@@ -51,10 +51,10 @@ def process_group(tmp_path):
 def test_prepare_distributed_puts_backbone_and_heads_in_one_ddp_module():
     model, task = make_task()
     drloc = task.get_trainable_module()
-    assert task.prepare_distributed(broadcast_buffers=False) is task
+    assert task.prepare_distributed(find_unused_parameters=True) is task
 
     ddp = task.get_trainable_module()
-    assert isinstance(ddp, DistributedDataParallel) and ddp.module is drloc and not ddp.broadcast_buffers
+    assert isinstance(ddp, DistributedDataParallel) and ddp.module is drloc and ddp.find_unused_parameters
     assert task.get_eval_model() is model
     assert len(task.get_clip_parameters()) == len(list(drloc.parameters()))
     task.train()
@@ -125,3 +125,13 @@ def test_set_up_is_logged_only_when_verbose(caplog, verbose):
     lines = [r.getMessage() for r in caplog.records if r.name.startswith('timm_drloc')]
     expected = ['DRLocTask: lambda=0.25, mode=l1, samples=64, abs=True, normalize=False, grids: blocks.0 4x4x32 (NLC)']
     assert lines == (expected if verbose else [])
+
+
+@pytest.mark.parametrize('value', [float('nan'), '0.5', None])
+def test_lambda_that_is_not_a_number_is_refused(value):
+    _, task = make_task()
+    with pytest.raises(ValueError) as error:
+        task.set_drloc_lambda(value)
+    assert str(error.value) == (f'DRLoc lambda must be a number >= 0, got {value!r}. Use 0 to turn DRLoc off; '
+                                f'the paper uses 0.5 for Swin and 0.1 for T2T / CvT.')
+    assert task.drloc_lambda == 0.5
