@@ -332,3 +332,22 @@ def test_feature_info_channels_tell_an_nhwc_map_from_an_nchw_one():
 def test_nlc_given_for_a_four_dimensional_map_is_detected_from_its_shape():
     drloc = wrap(UserModel(), layers=['stage'], input_size=(3, 32, 48), hidden_dim=8, layout='NLC')
     assert (drloc.sources[0].layout, drloc.sources[0].grid_size) == ('NCHW', (8, 12))
+
+
+class Padded(nn.Module):
+    """A map one column wider than the input's aspect ratio gives, as padding on the right makes."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+        self.map = nn.Identity()
+
+    def forward(self, x):
+        b, _, h, w = x.shape
+        y = self.map(x.new_ones(b, 4, h // 8, w // 8 + 1) * x.mean())  # B, 4, H / 8, W / 8 + 1
+        return self.fc(y.mean((2, 3)))
+
+
+def test_a_map_one_cell_wider_than_the_input_suggests_is_still_a_grid():
+    drloc = wrap(Padded(), layers=['map'], input_size=(3, 16, 32), hidden_dim=8)
+    assert (drloc.sources[0].layout, drloc.sources[0].grid_size) == ('NCHW', (2, 5))
