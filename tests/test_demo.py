@@ -57,6 +57,7 @@ def test_digits_split_larger_than_the_rarest_digit_is_refused(tmp_path):
 
 @pytest.mark.skipif(importlib.util.find_spec('timm_drloc.train') is None,
                     reason='timm_drloc.train (train_drloc.py) is not in this checkout yet')
+@pytest.mark.slow
 def test_demo_trains_baseline_and_drloc_and_writes_table_and_curves(tmp_path):
     out = tmp_path / 'demo'
     args = ['--out', str(out), '--epochs', '1', '--seeds', '0', '--train-per-class', '4', '--val-per-class', '2',

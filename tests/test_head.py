@@ -140,6 +140,7 @@ def test_smaller_grid_than_built_for_uses_its_own_offsets_and_larger_is_refused(
         head(torch.randn(2, 7, 6, 8))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('mode', ['l1', 'cbr'])
 def test_head_and_loss_compile_fullgraph(mode):
     torch._dynamo.reset()

@@ -19,6 +19,8 @@ import timm_drloc.train as train
 from timm_drloc import unwrap
 from timm_drloc.errors import ExitCode
 
+pytestmark = pytest.mark.training_run  # trains: left out of the core modules' mutation run
+
 VIT_KWARGS = ['img_size=32', 'patch_size=8', 'depth=2', 'embed_dim=32', 'num_heads=2']  # 4x4 token grid
 
 
@@ -58,6 +60,7 @@ print(json.dumps({'top1': 100.0 * correct / total, 'drloc_imported': 'timm_drloc
 '''
 
 
+@pytest.mark.slow
 def test_drloc_run_writes_timm_outputs_and_a_plain_timm_checkpoint(monkeypatch, tmp_path, image_folder):
     _run(monkeypatch, _argv(image_folder, tmp_path, 'run', '--epochs', '2', '--drloc-lambda', '0.5'))
     exp = tmp_path / 'run'
@@ -112,6 +115,7 @@ def _capture_resume(monkeypatch, captured):
     monkeypatch.setattr(train, 'resume_task_checkpoint', resume)
 
 
+@pytest.mark.slow
 def test_resume_restores_heads_optimizer_and_lambda_schedule(monkeypatch, tmp_path, image_folder):
     # reference schedule: lambda ramps 0 -> 0.5 over 2 epochs, then decays to 0 at the end of epoch 4
     common = ('--epochs', '4', '--drloc-lambda', '0.5', '--drloc-warmup-epochs', '2', '--drloc-decay',
@@ -152,12 +156,14 @@ def test_model_ema_run_checkpoints_ema_weights_and_heads(monkeypatch, tmp_path, 
     assert 'drloc_heads' in checkpoint['task_state_ema']
 
 
+@pytest.mark.slow
 def test_torchcompile_run_checkpoints_plain_keys(monkeypatch, tmp_path, image_folder):
     _, checkpoint = _one_epoch(monkeypatch, tmp_path, image_folder, 'compiled', '--torchcompile', 'eager')
     assert not any('_orig_mod' in k or k.startswith('model.') for k in checkpoint['state_dict'])
     assert 'drloc_heads' in checkpoint['task_state']
 
 
+@pytest.mark.slow
 def test_amp_bfloat16_run(monkeypatch, tmp_path, image_folder):
     row, _ = _one_epoch(monkeypatch, tmp_path, image_folder, 'amp', '--amp', '--amp-dtype', 'bfloat16')
     assert 0 <= float(row['eval_top1']) <= 100
@@ -216,6 +222,7 @@ def test_config_file_run(monkeypatch, tmp_path, image_folder):
     assert args['lr'] == 3e-3  # the command line wins over the config file
 
 
+@pytest.mark.slow
 def test_swin_multiscale_run_has_a_head_per_stage(monkeypatch, tmp_path, image_folder):
     swin = ['img_size=32', 'window_size=2', 'embed_dim=16', 'depths=(1,1,1)', 'num_heads=(1,2,4)']
     _, checkpoint = _one_epoch(monkeypatch, tmp_path, image_folder, 'swin', '--drloc-multiscale',
@@ -224,6 +231,7 @@ def test_swin_multiscale_run_has_a_head_per_stage(monkeypatch, tmp_path, image_f
     assert len(heads) == 3, sorted(checkpoint['task_state']['drloc_heads'])
 
 
+@pytest.mark.slow
 def test_resnet_run_with_signed_cbr_targets(monkeypatch, tmp_path, image_folder_factory):
     data = image_folder_factory(size=64)  # resnet10t: 2x2 final grid at 64x64
     row, _ = _one_epoch(monkeypatch, tmp_path, data, 'resnet', '--drloc-mode', 'cbr', '--drloc-signed',
@@ -331,6 +339,7 @@ def test_weights_that_turn_nan_with_a_finite_loss_are_never_checkpointed(monkeyp
     assert all(torch.isfinite(v).all() for v in checkpoint['state_dict'].values())
 
 
+@pytest.mark.slow
 def test_killed_mid_epoch_then_resume_auto_finishes_each_epoch_once(monkeypatch, tmp_path, image_folder_factory):
     data = image_folder_factory(images_per_class=16)  # 48 images, batch 4: 12 steps per epoch
     argv = _argv(data, tmp_path, 'killed', '--epochs', '3', '--drloc-lambda', '0.5', '--resume', 'auto', '-b', '4')
@@ -360,6 +369,7 @@ def test_killed_mid_epoch_then_resume_auto_finishes_each_epoch_once(monkeypatch,
     assert not list(exp.glob('*.tmp')) and not (exp / 'tmp.pth.tar').exists()
 
 
+@pytest.mark.slow
 def test_killed_in_epoch_0_resume_auto_continues_from_the_recovery_checkpoint(monkeypatch, tmp_path, caplog,
                                                                               image_folder_factory):
     data = image_folder_factory(images_per_class=16)  # 48 images, batch 4: 12 steps per epoch
@@ -419,6 +429,7 @@ def test_resume_from_a_bare_state_dict_loads_its_weights_and_starts_at_epoch_0(m
     assert (fresh_heads in caplog.text) == drloc
 
 
+@pytest.mark.slow
 def test_resume_auto_skips_a_corrupt_last_checkpoint(monkeypatch, tmp_path, image_folder, caplog):
     common = ('--epochs', '3', '--drloc-lambda', '0.5', '--resume', 'auto')
     _run(monkeypatch, _argv(image_folder, tmp_path, 'corrupt', *common, '--stop-epoch', '2'))

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # real torchrun processes: left out of mutation runs
+
 REPO = Path(__file__).resolve().parents[1]
 
 # Runs train_drloc in each rank and dumps, after every epoch, the rank's DRLoc model weights and the

@@ -540,6 +540,7 @@ def test_resume_auto_needs_an_experiment(monkeypatch, tmp_path, image_folder, ca
     assert '--resume auto continues in place in the experiment folder' in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_command_line_error_is_one_line_and_exit_code_2(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(REPO / 'train_drloc.py'), '--data-dir', str(tmp_path / 'nowhere'), '--device', 'cpu',

@@ -229,6 +229,7 @@ def test_layer_decay_optimizer_works_on_drloc_model():
     assert sum(len(g['params']) for g in optimizer.param_groups) == len(list(drloc.parameters()))
 
 
+@pytest.mark.slow
 def test_drloc_loss_decreases_when_training_on_a_fixed_batch():
     torch.manual_seed(0)
     model = timm.create_model(
@@ -310,6 +311,7 @@ def test_multi_branch_output_reads_the_feature_info_branch():
     assert source.grid_size == (14, 14)
 
 
+@pytest.mark.slow
 def test_repeated_feature_info_names_use_the_last_stage():
     model = timm.create_model('coat_tiny', num_classes=3, img_size=64)
     drloc = wrap(model, hidden_dim=8, input_size=(3, 64, 64))
@@ -319,6 +321,7 @@ def test_repeated_feature_info_names_use_the_last_stage():
     assert logits.shape == (2, 3) and loss > 0
 
 
+@pytest.mark.slow
 def test_hiera_multiscale_grids_are_in_row_major_order():
     model = timm.create_model('hiera_tiny_224', num_classes=3).eval()
     drloc = wrap(model, multiscale=True, hidden_dim=8)
