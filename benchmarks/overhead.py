@@ -38,6 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 DEFAULT_MODELS = ('swin_tiny_patch4_window7_224', 'vit_small_patch16_224', 'resnet50')
+TINY_VIT = 'tiny_vit'  # the digits demo's ViT (timm_drloc.demo): 4 blocks, 64 wide, patch 4, 16 px inputs
 
 
 @dataclass
@@ -65,6 +66,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--multiscale', action='store_true', help='one DRLoc head per stage (hierarchical models)')
     parser.add_argument('--amp', action='store_true', help='bfloat16 autocast')
     parser.add_argument('--compile', action='store_true', help='torch.compile both tasks (task.compile())')
+    parser.add_argument('--compile-head', action='store_true',
+                        help='compile the DRLoc heads only (DRLocTask(compile_head=True)); the rest stays eager')
     parser.add_argument('--steps', type=int, default=7, help='timed steps per task (median reported)')
     parser.add_argument('--warmup', type=int, default=2, help='untimed steps per task first')
     parser.add_argument('--head-steps', type=int, default=30, help='timed steps of the head-alone comparison')
@@ -159,10 +162,22 @@ def time_alternating(steps: Dict[str, Callable[[], None]], num_steps: int, warmu
     return wall, cpu
 
 
+def model_img_size(model_name: str, img_size: int) -> int:
+    """The input size a model is benchmarked at: `img_size`, except the tiny ViT's own 16 px."""
+    return 16 if model_name == TINY_VIT else img_size
+
+
 def create_model(model_name: str, img_size: int, seed: int) -> nn.Module:
-    """A freshly initialized timm model (no pretrained weights) for `img_size` inputs, seeded."""
+    """A freshly initialized timm model (no pretrained weights) for `img_size` inputs, seeded.
+
+    `tiny_vit` is the digits demo's model (timm_drloc.demo's MODEL and MODEL_KWARGS, at `img_size`).
+    """
     import timm
     torch.manual_seed(seed)
+    if model_name == TINY_VIT:
+        from timm_drloc.demo import MODEL, MODEL_KWARGS
+        kwargs = {key: int(value) for key, value in (item.split('=') for item in MODEL_KWARGS)}
+        return timm.create_model(MODEL, pretrained=False, **{**kwargs, 'img_size': img_size})
     try:
         return timm.create_model(model_name, pretrained=False, img_size=img_size)
     except TypeError:  # CNNs take any input size and have no img_size argument
@@ -177,6 +192,11 @@ def make_batch(batch_size: int, img_size: int, seed: int, device: torch.device) 
     return images, labels
 
 
+def compile_head_kwargs(compile_head: bool) -> Dict[str, bool]:
+    """`compile_head=True` only when asked, so that the benchmarks also run on versions without the option."""
+    return {'compile_head': True} if compile_head else {}
+
+
 def build_tasks(args: argparse.Namespace, model_name: str, device: torch.device):
     """(ClassificationTask, DRLocTask) on two copies of one freshly initialized model."""
     from timm.optim import create_optimizer_v2
@@ -188,7 +208,7 @@ def build_tasks(args: argparse.Namespace, model_name: str, device: torch.device)
     baseline = ClassificationTask(plain.to(device), device=device, verbose=False)
     drloc = DRLocTask(model.to(device), drloc_lambda=0.5, num_samples=args.samples, hidden_dim=args.hidden_dim,
                       multiscale=args.multiscale, input_size=(3, args.img_size, args.img_size),
-                      device=device, verbose=False)
+                      device=device, verbose=False, **compile_head_kwargs(args.compile_head))
     if args.aa:  # the same model object in the same place, without DRLoc
         drloc.trainable_module.remove_hooks()
         drloc = ClassificationTask(drloc.trainable_module.model, device=device, verbose=False)
