@@ -52,9 +52,8 @@ def seeded_head_and_grid(case: str, **head_kwargs):
     return head, grid
 
 
-@pytest.mark.parametrize('case', list(CASES))
-def test_same_seed_gives_the_released_heads_loss_gradient_and_draws(case):
-    head, grid = seeded_head_and_grid(case)
+def assert_pinned(case: str, **head_kwargs) -> None:
+    head, grid = seeded_head_and_grid(case, **head_kwargs)
     loss = head(grid)
     next_draw = torch.randint(2 ** 30, ()).item()
     loss.backward()
@@ -62,3 +61,14 @@ def test_same_seed_gives_the_released_heads_loss_gradient_and_draws(case):
     assert next_draw == pinned_draw  # the head drew exactly as many random numbers as before
     torch.testing.assert_close(loss.item(), pinned_loss, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(head.mlp[0].weight.grad.norm().item(), pinned_grad_norm, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize('case', list(CASES))
+def test_same_seed_gives_the_released_heads_loss_gradient_and_draws(case):
+    assert_pinned(case)
+
+
+@pytest.mark.parametrize('case', ['l1-abs-14x14-gather', 'cbr-abs-normalize-6x6-runs-3x4-project'])
+def test_compiled_head_gives_the_released_heads_values_for_the_same_seed(case):
+    torch._dynamo.reset()
+    assert_pinned(case, compiled=True)

@@ -7,15 +7,22 @@ offset (i - p, j - h): as two numbers (`l1`) or as one class per possible offset
 
 On a GPU the head's cost is its kernel launches more than its FLOPs, so the step is written in few,
 whole-tensor operations: both axes at once, both cells of a pair in one gather, no per-step copy of
-the weights.
+the weights. `compiled=True` compiles that step (the sampling stays eager: the same random draws).
 """
-from typing import Tuple, Union
+import functools
+import logging
+import time
+from typing import Callable, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .losses import MODES, cbr_loss, ce_loss, l1_loss
+
+_logger = logging.getLogger(__name__)
+COMPILE_MODES = ('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs')
+NARROW_OUTPUT = 16  # compiled, a last layer at most this wide is a fused multiply-and-sum (see last_layer)
 
 
 def draw_cells(batch: int, num_cells: int, num_samples: int, device: torch.device) -> torch.Tensor:
@@ -117,6 +124,10 @@ class DRLocHead(nn.Module):
         use_abs: absolute offsets (default, as the reference training) or signed ones.
         normalize: divide offsets by the grid size (paper text) instead of raw cells (reference code).
         hidden_dim: width of the MLP (reference: 512).
+        compiled: torch.compile the head's step (targets, MLP, loss, and their backward) into few
+            kernels, for GPUs where launches cost more than the head's FLOPs. True for torch.compile's
+            default mode, or a mode name ('reduce-overhead' adds CUDA graphs). Pair sampling stays
+            eager, so a seed gives the same pairs. Inside a model compiled as a whole it does nothing.
 
     Example:
         >>> head = DRLocHead(in_dim=192, grid_size=(7, 7))
@@ -132,15 +143,18 @@ class DRLocHead(nn.Module):
             use_abs: bool = True,
             normalize: bool = False,
             hidden_dim: int = 512,
+            compiled: Union[bool, str] = False,
     ):
         super().__init__()
-        check_head_args(mode, num_samples, hidden_dim, normalize)
+        check_head_args(mode, num_samples, hidden_dim, normalize, compiled)
         check_grid_size(grid_size)
         self.mode = mode
         self.num_samples = num_samples
         self.use_abs = use_abs
         self.normalize = normalize
         self.grid_size = tuple(grid_size)
+        self.compiled = compiled
+        self._compile_reported = False
         out_dim = 2 if mode == 'l1' else hidden_dim
         self.mlp = nn.Sequential(
             nn.Linear(2 * in_dim, hidden_dim),
@@ -167,10 +181,12 @@ class DRLocHead(nn.Module):
         batch, height, width, _ = grid.shape
         self._check_runtime_grid(height, width)
         cells = draw_cells(batch, height * width, self.num_samples, grid.device)  # B, 2, M
-        return self.pair_loss(grid, cells)
+        if not self.compiled or torch.compiler.is_compiling():
+            return self.pair_loss(grid, cells)
+        return self._compiled_pair_loss(grid, cells)
 
     def pair_loss(self, grid: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
-        """DRLoc loss of the sampled pairs: targets, first layer, MLP and loss.
+        """DRLoc loss of the sampled pairs: targets, first layer, MLP and loss (what `compiled` compiles).
 
         Args:
             grid: (B, H, W, C) features.
@@ -182,7 +198,7 @@ class DRLocHead(nn.Module):
         grid_size = (grid.shape[1], grid.shape[2])
         pos = cell_positions(cells, grid_size[1])  # B, 2, M, 2
         classes = offset_classes(pos[:, 0], pos[:, 1], grid_size, self.use_abs)  # B, M, 2
-        out = self.mlp[1:](self.first_layer(grid, cells))  # B, M, 2 | B, M, hidden
+        out = self.last_layer(self.mlp[1:4](self.first_layer(grid, cells)))  # B, M, 2 | B, M, hidden
         with torch.autocast(device_type=grid.device.type, enabled=False):
             return self.loss(out, classes, grid_size)
 
@@ -225,6 +241,18 @@ class DRLocHead(nn.Module):
         index = cells.transpose(1, 2).unsqueeze(2).expand(-1, -1, hidden, -1)  # B, M, hidden, 2
         return torch.gather(proj, 1, index).sum(-1) + linear.bias  # B, M, hidden
 
+    def last_layer(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The MLP's last Linear, (B, M, hidden) -> (B, M, out).
+
+        Under torch.compile, an output as narrow as l1's two offsets is written as a multiply-and-sum,
+        which inductor fuses with the ReLU before it and the loss after it; as a Linear it would take
+        three matrix-product launches (forward, and both products of the backward) for two columns.
+        """
+        linear = self.mlp[4]
+        if torch.compiler.is_compiling() and linear.out_features <= NARROW_OUTPUT:
+            return (hidden.unsqueeze(-2) * linear.weight).sum(-1) + linear.bias  # B, M, out
+        return linear(hidden)
+
     def loss(self, out: torch.Tensor, classes: torch.Tensor, grid_size: Tuple[int, int]) -> torch.Tensor:
         """Loss of the MLP output `out` (B, M, 2 | B, M, hidden) for offset classes (B, M, 2), in float32."""
         if self.mode == 'ce':
@@ -257,6 +285,19 @@ class DRLocHead(nn.Module):
         scale = per_axis(grid_size[0], grid_size[1], device, torch.float32)
         return values / (scale.unsqueeze(-1) if torch.is_tensor(scale) else scale)
 
+    def _compiled_pair_loss(self, grid: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
+        """`pair_loss` through torch.compile; reports the first call's time (the forward's compilation)."""
+        compiled = compiled_pair_loss(None if self.compiled is True else self.compiled)
+        if self._compile_reported:
+            return compiled(self, grid, cells)
+        start = time.perf_counter()
+        loss = compiled(self, grid, cells)
+        self._compile_reported = True
+        _logger.info(f"DRLoc head {grid.shape[1]}x{grid.shape[2]}x{grid.shape[3]}: first compiled call took "
+                     f"{time.perf_counter() - start:.1f} s (compiling the forward; the backward compiles in "
+                     f"the first backward)")
+        return loss
+
     def _check_runtime_grid(self, height: int, width: int) -> None:
         check_grid_size((height, width))
         if self.axis_heads is not None and (height > self.grid_size[0] or width > self.grid_size[1]):
@@ -267,10 +308,23 @@ class DRLocHead(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"mode={self.mode}, num_samples={self.num_samples}, use_abs={self.use_abs}, "
-                f"normalize={self.normalize}, grid_size={self.grid_size}")
+                f"normalize={self.normalize}, grid_size={self.grid_size}"
+                + (f", compiled={self.compiled}" if self.compiled else ''))
 
 
-def check_head_args(mode: str, num_samples: int, hidden_dim: int, normalize: bool) -> None:
+@functools.lru_cache(maxsize=None)
+def compiled_pair_loss(mode: Optional[str]) -> Callable[..., torch.Tensor]:
+    """DRLocHead.pair_loss compiled with torch.compile `mode`, once per process and mode, for all heads.
+
+    Compiled as a plain function taking the head, so that a deep copy of a head (EMA) holds no
+    reference to a compiled function bound to the original. Dynamo compiles on the first call and
+    again when shapes change (a second compile makes them dynamic), not per step.
+    """
+    return torch.compile(DRLocHead.pair_loss, mode=mode)
+
+
+def check_head_args(mode: str, num_samples: int, hidden_dim: int, normalize: bool,
+                    compiled: Union[bool, str] = False) -> None:
     """Reject head settings that cannot work, naming the value and the fix."""
     if mode not in MODES:
         raise ValueError(f"Unknown DRLoc mode '{mode}'. Use one of {', '.join(MODES)}.")
@@ -282,6 +336,9 @@ def check_head_args(mode: str, num_samples: int, hidden_dim: int, normalize: boo
         raise ValueError(
             "normalize=True has no meaning with mode='ce': its targets are offset classes, not values. "
             "Use normalize=False, or mode='l1' / 'cbr'.")
+    if not isinstance(compiled, bool) and compiled not in COMPILE_MODES:
+        raise ValueError(f"compile_head must be True, False or a torch.compile mode ({', '.join(COMPILE_MODES)}), "
+                         f"got {compiled!r}.")
 
 
 def check_grid_size(grid_size: Tuple[int, int]) -> None:

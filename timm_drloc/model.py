@@ -163,6 +163,7 @@ def wrap(
         layers: Optional[Sequence[str]] = None,
         layout: Optional[str] = None,
         input_size: Optional[Sequence[int]] = None,
+        compile_head: Union[bool, str] = False,
 ) -> DRLocModel:
     """Add DRLoc heads to a model.
 
@@ -177,6 +178,10 @@ def wrap(
         layers: module paths (as `named_modules()` lists them) whose outputs are the grids.
         layout: 'NCHW', 'NHWC' or 'NLC' for the `layers` outputs, when detection is ambiguous.
         input_size: (C, H, W) for the probe pass that finds the grids; default: the model's own input size.
+        compile_head: torch.compile each head's step (targets, MLP, loss and their backward): fewer kernel
+            launches on a GPU, same random pairs as eager. True, or a torch.compile mode name
+            ('reduce-overhead' adds CUDA graphs). The backbone stays as it is (compile it, or the whole
+            task, as usual; inside a whole-model compile this option changes nothing).
 
     Returns:
         DRLocModel: train mode -> DRLocOutput(logits, drloc_loss), eval mode -> logits.
@@ -190,7 +195,7 @@ def wrap(
     if isinstance(unwrap_once(model), DRLocModel) or isinstance(model, DRLocModel):
         raise ValueError("This model is already wrapped by timm_drloc.wrap(); wrap the plain model once "
                          "(timm_drloc.unwrap(m) gives it back).")
-    check_head_args(mode, num_samples, hidden_dim, normalize)
+    check_head_args(mode, num_samples, hidden_dim, normalize, compile_head)
     if layout is not None and layout not in LAYOUTS:
         raise ValueError(f"Unknown layout '{layout}'. Use one of {', '.join(LAYOUTS)}.")
     if layers is not None and multiscale:
@@ -201,7 +206,7 @@ def wrap(
     sources, route = probe_grids(model, input_size, multiscale=multiscale, layers=layers, layout=layout)
     heads = [
         DRLocHead(s.num_chs, s.grid_size, mode=mode, num_samples=num_samples, use_abs=use_abs,
-                  normalize=normalize, hidden_dim=hidden_dim)
+                  normalize=normalize, hidden_dim=hidden_dim, compiled=compile_head)
         for s in sources]
     param = next(model.parameters(), None)
     if param is not None:

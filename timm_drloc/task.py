@@ -67,6 +67,7 @@ class DRLocTask(TrainingTask):
         device: device for the task, its heads and criterion.
         dtype: dtype for task tensors.
         verbose: log the set-up.
+        compile_head: torch.compile the DRLoc heads alone (see `timm_drloc.wrap()`).
 
     Returns (forward):
         {'loss', 'output', 'task_loss', 'drloc_loss'}
@@ -96,12 +97,14 @@ class DRLocTask(TrainingTask):
             device: Optional[torch.device] = None,
             dtype: Optional[torch.dtype] = None,
             verbose: bool = True,
+            compile_head: Union[bool, str] = False,
     ):
         super().__init__(device=device, dtype=dtype, verbose=verbose)
         self.drloc_lambda = check_drloc_lambda(drloc_lambda)
         self.trainable_module = wrap(
             model, mode=mode, num_samples=num_samples, multiscale=multiscale, use_abs=use_abs,
             normalize=normalize, hidden_dim=hidden_dim, layers=layers, layout=layout, input_size=input_size,
+            compile_head=compile_head,
         ).to(device=self.device)
         self.criterion = resolve_classification_loss(criterion, self.device, criterion_kwargs=criterion_kwargs)
         if self.verbose:
@@ -109,7 +112,7 @@ class DRLocTask(TrainingTask):
                               for s in self.trainable_module.sources)
             _logger.info(
                 f"DRLocTask: lambda={self.drloc_lambda}, mode={mode}, samples={num_samples}, "
-                f"abs={use_abs}, normalize={normalize}, grids: {grids}")
+                f"abs={use_abs}, normalize={normalize}, compile_head={compile_head}, grids: {grids}")
 
     def set_drloc_lambda(self, value: float) -> None:
         """Set the DRLoc weight (the training loop calls this each epoch for a schedule)."""
