@@ -78,10 +78,9 @@ class DRLocModel(nn.Module):
             return self.model(x)
         logits, features = self.forward_with_grids(x)
         input_hw = tuple(x.shape[-2:])
-        loss = sum(
-            head(to_grid(feat, source, input_hw))
-            for head, source, feat in zip(self.heads, self.sources, features))
-        return DRLocOutput(logits, loss)
+        losses = [head(to_grid(feat, source, input_hw))
+                  for head, source, feat in zip(self.heads, self.sources, features)]
+        return DRLocOutput(logits, sum(losses[1:], losses[0]))  # from the first loss: no `0 + loss` operator
 
     def forward_with_grids(self, x: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         """One backbone pass: the logits and the raw captured features, one per source."""

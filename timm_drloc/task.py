@@ -190,7 +190,7 @@ class DRLocTask(TrainingTask):
             raise RuntimeError("DRLocTask needs the trainable module in train mode (call task.train()).")
         task_loss = self.criterion(out.logits, target)
         return {
-            'loss': task_loss + self.drloc_lambda * out.drloc_loss,
+            'loss': torch.add(task_loss, out.drloc_loss, alpha=self.drloc_lambda),  # one operator, not two
             'output': out.logits,
             'task_loss': task_loss,
             'drloc_loss': out.drloc_loss,
