@@ -71,6 +71,7 @@ class DRLocModel(nn.Module):
         self._hook_handles = [
             model.get_submodule(source.name).register_forward_hook(capture)
             for source, capture in zip(self.sources, self._captures)]
+        self._hooks_removed = False  # a flag, not the handles: torch.compile cannot trace a RemovableHandle
 
     def forward(self, x: torch.Tensor) -> Union[DRLocOutput, torch.Tensor]:
         """x: (B, C, H, W) images. Train mode: DRLocOutput(logits, drloc_loss); eval mode: logits."""
@@ -88,7 +89,7 @@ class DRLocModel(nn.Module):
             indices = [int(s.name.split('.')[-1]) for s in self.sources]
             final, features = self.model.forward_intermediates(x, indices=indices, norm=False)
             return self.model.forward_head(final), list(features)
-        if not self._hook_handles:
+        if self._hooks_removed:
             raise RuntimeError("remove_hooks() was called on this DRLocModel: it no longer reads grids. Train with "
                                "a fresh timm_drloc.wrap(model), or use the plain backbone (.model) for inference.")
         for capture in self._captures:
@@ -130,6 +131,7 @@ class DRLocModel(nn.Module):
         for handle in self._hook_handles:
             handle.remove()
         self._hook_handles = []
+        self._hooks_removed = True
 
 
 def _prefix_matcher(matcher, prefix: str):
