@@ -294,8 +294,8 @@ class DRLocHead(nn.Module):
         loss = compiled(self, grid, cells)
         self._compile_reported = True
         _logger.info(f"DRLoc head {grid.shape[1]}x{grid.shape[2]}x{grid.shape[3]}: first compiled call took "
-                     f"{time.perf_counter() - start:.1f} s (compiling the forward; the backward compiles in "
-                     f"the first backward)")
+                     f"{time.perf_counter() - start:.1f} s (the forward's compilation, unless a head of the same "
+                     f"shapes compiled it already; the backward compiles in the first backward)")
         return loss
 
     def _check_runtime_grid(self, height: int, width: int) -> None:
