@@ -21,7 +21,6 @@ import warnings
 from typing import Callable
 
 import torch
-import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # overhead.py beside this file
 from overhead import create_model, make_batch, make_step, synchronize, time_alternating  # noqa: E402

@@ -31,7 +31,7 @@ import collections
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -162,6 +162,12 @@ def count_head(grid_size: Sequence[int], chans: int, layout: str, batch_size: in
     return count_step(step, compile_head)
 
 
+def added_ops(counts: Dict[str, OpCount]) -> Tuple[int, int]:
+    """(kernel-launching operators, views) of counts['drloc'] beyond counts['timm']."""
+    drloc, timm = counts['drloc'], counts['timm']
+    return drloc.num_kernels - timm.num_kernels, drloc.num_views - timm.num_views
+
+
 def added(drloc: collections.Counter, timm: collections.Counter) -> collections.Counter:
     """Per operator, the calls DRLoc's step makes beyond timm's (negative: fewer)."""
     return collections.Counter({k: drloc[k] - timm[k] for k in set(drloc) | set(timm) if drloc[k] != timm[k]})
@@ -176,12 +182,9 @@ class ModelCounts:
     grids: str
 
     @property
-    def added_kernels(self) -> int:
-        return self.drloc.num_kernels - self.timm.num_kernels
-
-    @property
-    def added_views(self) -> int:
-        return self.drloc.num_views - self.timm.num_views
+    def added(self) -> Tuple[int, int]:
+        """(kernel-launching operators, views) DRLoc's step adds to timm's."""
+        return added_ops({'timm': self.timm, 'drloc': self.drloc})
 
 
 def count_model(model_name: str, amp: bool, compile_head: bool, batch_size: int, img_size: int,
@@ -227,8 +230,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for precision in args.precision:
             counts = count_model(model_name, precision == 'bf16', args.compile_head, args.batch_size,
                                  args.img_size, device)
-            print(f'{model_name:<30} {precision:<5} {counts.timm.num_kernels:12d} {counts.added_kernels:+14d} '
-                  f'{counts.added_views:+12d} {counts.head.num_kernels:12d} {counts.head.num_views:10d}  '
+            added_kernels, added_views = counts.added
+            print(f'{model_name:<30} {precision:<5} {counts.timm.num_kernels:12d} {added_kernels:+14d} '
+                  f'{added_views:+12d} {counts.head.num_kernels:12d} {counts.head.num_views:10d}  '
                   f'{counts.grids}', flush=True)
             if args.list:
                 for kind in ('kernels', 'views', 'host'):
