@@ -17,26 +17,13 @@ import os
 import statistics
 import sys
 import time
-import types
 import warnings
 from typing import Callable
 
 import torch
-import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # overhead.py beside this file
 from overhead import create_model, make_batch, make_step, synchronize, time_alternating  # noqa: E402
-
-
-def gather_first_layer(self: nn.Module, grid: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """DRLocHead.first_layer without the project-cells-first branch.
-
-    grid: (B, H, W, C); pos: (B, 2, M, 2) (row, col) of both cells of each pair. Returns (B, M, hidden).
-    """
-    batch = grid.shape[0]
-    batch_idx = torch.arange(batch, device=grid.device).view(batch, 1, 1)
-    cells = grid[batch_idx, pos[..., 0], pos[..., 1]]  # B, 2, M, C
-    return self.mlp[0](torch.cat((cells[:, 0], cells[:, 1]), dim=-1))
 
 
 def build(model_name: str, args: argparse.Namespace, device: torch.device):
@@ -51,7 +38,7 @@ def build(model_name: str, args: argparse.Namespace, device: torch.device):
                          input_size=(3, args.img_size, args.img_size))
         if name == 'gather':
             for head in task.trainable_module.heads:
-                head.first_layer = types.MethodType(gather_first_layer, head)
+                head.first_layer = head.gather_then_project  # instead of choosing by grid size
         tasks[name] = task
     for task in tasks.values():
         task.train()

@@ -45,6 +45,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 DEFAULT_MODELS = ('swin_tiny_patch4_window7_224', 'vit_small_patch16_224', 'resnet50')
+TINY_VIT = 'tiny_vit'  # the digits demo's ViT (timm_drloc.demo): 4 blocks, 64 wide, patch 4, 16 px inputs
 
 
 @dataclass
@@ -72,10 +73,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--multiscale', action='store_true', help='one DRLoc head per stage (hierarchical models)')
     parser.add_argument('--amp', action='store_true', help='bfloat16 autocast')
     parser.add_argument('--compile', action='store_true', help='torch.compile both tasks (task.compile())')
+    parser.add_argument('--compile-head', action='store_true',
+                        help='compile the DRLoc heads only (DRLocTask(compile_head=True)); the rest stays eager')
     parser.add_argument('--steps', type=int, default=7, help='timed steps per task (median reported)')
     parser.add_argument('--warmup', type=int, default=2, help='untimed steps per task first')
     parser.add_argument('--head-steps', type=int, default=30, help='timed steps of the head-alone comparison')
     parser.add_argument('--skip-head', action='store_true', help='do not run the head-alone comparison')
+    parser.add_argument('--skip-count', action='store_true',
+                        help='do not count the operators DRLoc adds per step (benchmarks/opcount.py)')
     parser.add_argument('--phases', action='store_true', help='also print CPU time of forward / backward / optimizer')
     parser.add_argument('--opt', default='adamw', help="timm optimizer for both tasks (default: adamw)")
     parser.add_argument('--threads', type=int, default=None,
@@ -169,10 +174,22 @@ def time_alternating(steps: Dict[str, Callable[[], None]], num_steps: int, warmu
     return wall, cpu
 
 
+def model_img_size(model_name: str, img_size: int) -> int:
+    """The input size a model is benchmarked at: `img_size`, except the tiny ViT's own 16 px."""
+    return 16 if model_name == TINY_VIT else img_size
+
+
 def create_model(model_name: str, img_size: int, seed: int) -> nn.Module:
-    """A freshly initialized timm model (no pretrained weights) for `img_size` inputs, seeded."""
+    """A freshly initialized timm model (no pretrained weights) for `img_size` inputs, seeded.
+
+    `tiny_vit` is the digits demo's model (timm_drloc.demo's MODEL and MODEL_KWARGS, at `img_size`).
+    """
     import timm
     torch.manual_seed(seed)
+    if model_name == TINY_VIT:
+        from timm_drloc.demo import MODEL, MODEL_KWARGS
+        kwargs = {key: int(value) for key, value in (item.split('=') for item in MODEL_KWARGS)}
+        return timm.create_model(MODEL, pretrained=False, **{**kwargs, 'img_size': img_size})
     try:
         return timm.create_model(model_name, pretrained=False, img_size=img_size)
     except TypeError:  # CNNs take any input size and have no img_size argument
@@ -196,6 +213,11 @@ def timm_task(args: argparse.Namespace, model: nn.Module, teacher: Optional[nn.M
     return kd_task[args.kd](model, teacher, device=device, verbose=False)
 
 
+def compile_head_kwargs(compile_head: bool) -> Dict[str, bool]:
+    """`compile_head=True` only when asked, so that the benchmarks also run on versions without the option."""
+    return {'compile_head': True} if compile_head else {}
+
+
 def build_tasks(args: argparse.Namespace, model_name: str, device: torch.device):
     """(timm's task, DRLocTask) on two copies of one freshly initialized model; with `--kd`, timm's
     distillation task and DRLocTask over it, one teacher for both."""
@@ -210,7 +232,7 @@ def build_tasks(args: argparse.Namespace, model_name: str, device: torch.device)
     base = timm_task(args, model, teacher, device) if args.kd else None
     drloc = DRLocTask(model, drloc_lambda=0.5, num_samples=args.samples, hidden_dim=args.hidden_dim,
                       multiscale=args.multiscale, input_size=(3, args.img_size, args.img_size), base_task=base,
-                      device=device, verbose=False)
+                      device=device, verbose=False, **compile_head_kwargs(args.compile_head))
     if args.aa:  # the same model object in the same place, without DRLoc
         trainable = drloc.trainable_module
         if trainable.reader is not None:
@@ -229,8 +251,9 @@ def build_tasks(args: argparse.Namespace, model_name: str, device: torch.device)
     return tasks, optimizers, drloc
 
 
-def bench_model(args: argparse.Namespace, model_name: str, device: torch.device) -> Dict[str, StepStats]:
-    """Step time and memory of both tasks on `model_name`; also returns the DRLoc grid shapes."""
+def bench_model(args: argparse.Namespace, model_name: str, device: torch.device):
+    """Step time and memory of both tasks on `model_name` (StepStats by task name), the DRLoc grid shapes and
+    the operators DRLoc adds (see count_added_ops)."""
     tasks, optimizers, drloc = build_tasks(args, model_name, device)
     images, labels = make_batch(args.batch_size, args.img_size, args.seed, device)
     phases = {name: {} for name in tasks}
@@ -246,7 +269,17 @@ def bench_model(args: argparse.Namespace, model_name: str, device: torch.device)
                              peak_step_memory(steps[name], device)) for name in steps}
     sources = [] if args.aa else drloc.trainable_module.sources
     grids = [(s.grid_size, s.num_chs, s.layout) for s in sources]
-    return stats, grids
+    return stats, grids, count_added_ops(args, tasks, images, labels)
+
+
+def count_added_ops(args: argparse.Namespace, tasks: Dict[str, nn.Module], images: torch.Tensor,
+                    labels: torch.Tensor) -> Optional[Tuple[int, int]]:
+    """(kernel-launching operators, views) one DRLoc step dispatches beyond timm's, as benchmarks/opcount.py
+    counts them (one more step per task, with a foreach AdamW of its own); None with --skip-count."""
+    if args.skip_count:
+        return None
+    from opcount import added_ops, count_task_steps
+    return added_ops(count_task_steps(tasks, images, labels, args.amp, compiled=args.compile or args.compile_head))
 
 
 # --- head alone -------------------------------------------------------------------------------------------
@@ -333,12 +366,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         load = os.getloadavg()[0]
         print(f'# load average {load:.1f} on {os.cpu_count()} cores at start'
               + (': the cores are shared, trust the CPU-time ratio more than wall clock' if load > 1.5 else ''))
+    if device.type == 'cpu' and (args.compile or args.compile_head) and not args.skip_count:
+        from opcount import profile_compiled_kernels
+        profile_compiled_kernels()  # before anything compiles, so that the op count sees the generated kernels
     print(f"{'model':<32} {'timm s':>8} {'drloc s':>8} {'ratio':>6} {'cpu ratio':>9} {'min ratio':>9} {'img/s timm':>10} "
-          f"{'img/s drloc':>11} {'MiB timm':>8} {'MiB drloc':>9} {'mem ratio':>9}  grids")
+          f"{'img/s drloc':>11} {'MiB timm':>8} {'MiB drloc':>9} {'mem ratio':>9} {'ops +k/+v':>10}  grids")
     rows, head_shapes = [], {}
     for model_name in args.models:
         try:
-            stats, grids = bench_model(args, model_name, device)
+            stats, grids, ops = bench_model(args, model_name, device)
         except ValueError as e:  # e.g. --multiscale on a ViT
             print(f'{model_name:<32} skipped: {e}')
             continue
@@ -350,7 +386,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         grid_text = ', '.join(f'{h}x{w}x{c}' for (h, w), c, _ in grids)
         print(f'{model_name:<32} {base.seconds:8.3f} {ours.seconds:8.3f} {ratio:6.3f} {cpu_ratio:9.3f} {min_ratio:9.3f} '
               f'{args.batch_size / base.seconds:10.1f} {args.batch_size / ours.seconds:11.1f} '
-              f'{mib(base.peak_bytes)} {mib(ours.peak_bytes):>9} {mem_ratio:9.3f}  {grid_text}', flush=True)
+              f'{mib(base.peak_bytes)} {mib(ours.peak_bytes):>9} {mem_ratio:9.3f} '
+              f'{"n/a" if ops is None else f"{ops[0]:+d}/{ops[1]:+d}":>10}  {grid_text}', flush=True)
         rows.append((model_name, ratio, cpu_ratio, min_ratio))
         for grid in grids:
             head_shapes.setdefault(grid, model_name)

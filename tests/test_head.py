@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from timm_drloc import DRLocHead, relative_targets, sample_positions
-from timm_drloc.head import num_offsets
+from timm_drloc.head import draw_cells, num_offsets
 from timm_drloc.losses import cbr_loss
 
 # two pairs on a 4 x 6 grid: (row, col) of the first and second cell
@@ -33,8 +33,8 @@ def test_loss_uses_the_targets_of_the_sampled_positions(monkeypatch, mode, use_a
     torch.manual_seed(0)
     head = DRLocHead(8, (4, 6), mode=mode, num_samples=2, use_abs=use_abs, normalize=normalize, hidden_dim=16)
     grid = torch.randn(1, 4, 6, 8)
-    positions = torch.stack((POS_A, POS_B), dim=1)  # B, 2, M, 2
-    monkeypatch.setattr('timm_drloc.head.sample_positions', lambda *a, **k: positions)
+    cells = torch.stack((POS_A, POS_B), dim=1) @ torch.tensor([6, 1])  # B, 2, M: row * W + col
+    monkeypatch.setattr('timm_drloc.head.draw_cells', lambda *a, **k: cells)
     loss = head(grid)
 
     # recompute by hand from the same positions
@@ -62,9 +62,8 @@ def test_loss_uses_the_targets_of_the_sampled_positions(monkeypatch, mode, use_a
 
 def test_cbr_with_uniform_scores_matches_closed_form():
     # uniform beta over offsets 0..2: mu = 1, var = 2/3 (+eps); target 0 -> (1 / (2/3) + 1e-3 log(2/3)) per axis
-    logits = (torch.zeros(1, 1, 3), torch.zeros(1, 1, 3))
-    values = (torch.arange(3.), torch.arange(3.))
-    loss = cbr_loss(logits, torch.zeros(1, 1, 2), values)
+    logits = torch.zeros(1, 1, 2, 3)  # B, M, axes, offsets
+    loss = cbr_loss(logits, torch.zeros(1, 1, 2), torch.arange(3.))
     var = torch.tensor(2 / 3 + 1e-8)
     torch.testing.assert_close(loss, 2 * (1 / var + 1e-3 * var.log()))
 
@@ -104,11 +103,12 @@ def test_projecting_cells_first_equals_projecting_gathered_pairs(grid_size, num_
     torch.manual_seed(0)
     head = DRLocHead(12, grid_size, num_samples=num_samples, hidden_dim=16)
     grid = torch.randn(3, 12, *grid_size).permute(0, 2, 3, 1)  # B, H, W, C view of an NCHW map
-    pos = sample_positions(3, *grid_size, num_samples, grid.device)
-    batch_idx = torch.arange(3).view(3, 1, 1)
-    cells = grid[batch_idx, pos[..., 0], pos[..., 1]]  # B, 2, M, C
-    expected = head.mlp[0](torch.cat((cells[:, 0], cells[:, 1]), dim=-1))
-    torch.testing.assert_close(head.first_layer(grid, pos), expected)
+    cells = draw_cells(3, grid_size[0] * grid_size[1], num_samples, grid.device)  # B, 2, M
+    rows, cols = cells // grid_size[1], cells % grid_size[1]
+    picked = grid[torch.arange(3).view(3, 1, 1), rows, cols]  # B, 2, M, C
+    expected = head.mlp[0](torch.cat((picked[:, 0], picked[:, 1]), dim=-1))
+    torch.testing.assert_close(head.project_then_gather(grid, cells), expected)
+    torch.testing.assert_close(head.gather_then_project(grid, cells), expected)
 
 
 def test_permuted_nchw_grid_gives_same_loss_as_contiguous_copy():

@@ -125,7 +125,7 @@ def test_set_up_is_logged_only_when_verbose(caplog, verbose):
     with caplog.at_level('INFO'):
         DRLocTask(model, drloc_lambda=0.25, hidden_dim=8, verbose=verbose)
     lines = [r.getMessage() for r in caplog.records if r.name.startswith('timm_drloc')]
-    expected = ['DRLocTask: lambda=0.25, mode=l1, samples=64, abs=True, normalize=False, grids: blocks.0 4x4x32 (NLC)']
+    expected = ['DRLocTask: lambda=0.25, mode=l1, samples=64, abs=True, normalize=False, compile_head=False, grids: blocks.0 4x4x32 (NLC)']
     assert lines == (expected if verbose else [])
 
 

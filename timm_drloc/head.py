@@ -4,16 +4,41 @@ For each image, m pairs of cells (i, j), (p, h) are drawn uniformly with replace
 device. The two embeddings are gathered straight from the (B, H, W, C) view (no copy of the map, no
 host round-trip, no loop over the batch), concatenated and fed to a small MLP that predicts the
 offset (i - p, j - h): as two numbers (`l1`) or as one class per possible offset and axis (`ce`, `cbr`).
+
+On a GPU the head's cost is its kernel launches more than its FLOPs, so the step is written in few,
+whole-tensor operations: both axes at once, both cells of a pair in one gather, no per-step copy of
+the weights. `compiled=True` compiles that step (the sampling stays eager: the same random draws).
 """
+import functools
+import logging
 import numbers
 import os
-from typing import NamedTuple, Optional, Sequence, Tuple
+import time
+from typing import Callable, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .losses import MODES, cbr_loss, ce_loss, l1_loss
+
+_logger = logging.getLogger(__name__)
+COMPILE_MODES = ('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs')
+NARROW_OUTPUT = 16  # compiled, a last layer at most this wide is a fused multiply-and-sum (see last_layer)
+
+
+def draw_cells(batch: int, num_cells: int, num_samples: int, device: torch.device) -> torch.Tensor:
+    """Draw 2 * num_samples cells per image, uniformly with replacement, as flat indices row * W + col.
+
+    Returns:
+        (B, 2, M) long tensor: [:, 0] the first cell of each pair, [:, 1] the second.
+    """
+    return torch.randint(0, num_cells, (batch, 2, num_samples), device=device)
+
+
+def cell_positions(cells: torch.Tensor, width: int) -> torch.Tensor:
+    """(row, col) of flat cell indices on a grid `width` cells wide: (...) long -> (..., 2) long."""
+    return torch.stack((cells // width, cells % width), dim=-1)
 
 
 def sample_positions(batch: int, height: int, width: int, num_samples: int, device: torch.device) -> torch.Tensor:
@@ -22,8 +47,42 @@ def sample_positions(batch: int, height: int, width: int, num_samples: int, devi
     Returns:
         (B, 2, M, 2) long tensor: [:, 0] the first cell of each pair, [:, 1] the second; last dim (row, col).
     """
-    flat = torch.randint(0, height * width, (batch, 2, num_samples), device=device)
-    return torch.stack((flat // width, flat % width), dim=-1)
+    return cell_positions(draw_cells(batch, height * width, num_samples, device), width)
+
+
+def per_axis(rows: int, cols: int, device: torch.device, dtype: torch.dtype) -> Union[int, torch.Tensor]:
+    """A constant with one value per axis, to combine with (..., 2) tensors (rows, cols).
+
+    The number itself when both axes share it (no operator); else a (2,) tensor made on `device` by one
+    operator, with no host-to-device copy (linspace's two points are exactly its two ends).
+    """
+    if rows == cols:
+        return rows
+    return torch.linspace(rows, cols, 2, device=device, dtype=dtype)
+
+
+def offset_classes(pos_a: torch.Tensor, pos_b: torch.Tensor, grid_size: Tuple[int, int], use_abs: bool) -> torch.Tensor:
+    """Offsets of cell pairs as class indices: |a - b| in [0, k - 1], or signed a - b + k - 1 in [0, 2k - 2].
+
+    Args:
+        pos_a, pos_b: (..., 2) long (row, col) of the first and second cells.
+        grid_size: (H, W); k is H for rows, W for columns.
+
+    Returns:
+        (..., 2) long offsets (rows, cols).
+    """
+    delta = pos_a - pos_b
+    if use_abs:
+        return delta.abs()
+    return delta + per_axis(grid_size[0] - 1, grid_size[1] - 1, delta.device, delta.dtype)
+
+
+def offsets_to_targets(classes: torch.Tensor, grid_size: Tuple[int, int], normalize: bool) -> torch.Tensor:
+    """(..., 2) long offset classes -> (..., 2) regression targets: divided by (H, W) with `normalize`
+    (float32), else the classes themselves (no operator: the losses subtract them from float32)."""
+    if not normalize:
+        return classes
+    return classes / per_axis(grid_size[0], grid_size[1], classes.device, torch.float32)
 
 
 def relative_targets(
@@ -48,12 +107,7 @@ def relative_targets(
     Returns:
         (..., 2) float32 targets (rows, cols).
     """
-    axes = []
-    for axis, size in enumerate(grid_size):  # Python sizes: no host-to-device copy in the step
-        delta = (pos_a[..., axis] - pos_b[..., axis]).float()
-        target = delta.abs() if use_abs else delta + (size - 1)
-        axes.append(target / size if normalize else target)
-    return torch.stack(axes, dim=-1)
+    return offsets_to_targets(offset_classes(pos_a, pos_b, grid_size, use_abs), grid_size, normalize).float()
 
 
 def num_offsets(size: int, use_abs: bool) -> int:
@@ -72,6 +126,10 @@ class DRLocHead(nn.Module):
         use_abs: absolute offsets (default, as the reference training) or signed ones.
         normalize: divide offsets by the grid size (paper text) instead of raw cells (reference code).
         hidden_dim: width of the MLP (reference: 512).
+        compiled: torch.compile the head's step (targets, MLP, loss, and their backward) into few
+            kernels, for GPUs where launches cost more than the head's FLOPs. True for torch.compile's
+            default mode, or a mode name ('reduce-overhead' adds CUDA graphs). Pair sampling stays
+            eager, so a seed gives the same pairs. Inside a model compiled as a whole it does nothing.
 
     Example:
         >>> head = DRLocHead(in_dim=192, grid_size=(7, 7))
@@ -87,9 +145,10 @@ class DRLocHead(nn.Module):
             use_abs: bool = True,
             normalize: bool = False,
             hidden_dim: int = 512,
+            compiled: Union[bool, str] = False,
     ):
         super().__init__()
-        check_head_args(mode, num_samples, hidden_dim, normalize)
+        check_head_args(mode, num_samples, hidden_dim, normalize, compiled)
         check_grid_size(grid_size)
         num_samples, hidden_dim = int(num_samples), int(hidden_dim)  # numpy integers too
         self.mode = mode
@@ -97,6 +156,8 @@ class DRLocHead(nn.Module):
         self.use_abs = use_abs
         self.normalize = normalize
         self.grid_size = tuple(grid_size)
+        self.compiled = compiled
+        self._compile_reported = False
         out_dim = 2 if mode == 'l1' else hidden_dim
         self.mlp = nn.Sequential(
             nn.Linear(2 * in_dim, hidden_dim),
@@ -122,53 +183,124 @@ class DRLocHead(nn.Module):
         """
         batch, height, width, _ = grid.shape
         self._check_runtime_grid(height, width)
-        pos = sample_positions(batch, height, width, self.num_samples, grid.device)  # B, 2, M, 2
-        target = relative_targets(pos[:, 0], pos[:, 1], (height, width), self.use_abs, self.normalize)
-        out = self.mlp[1:](self.first_layer(grid, pos))  # B, M, 2 | B, M, hidden
-        with torch.autocast(device_type=grid.device.type, enabled=False):
-            return self.loss(out, target, (height, width))
+        cells = draw_cells(batch, height * width, self.num_samples, grid.device)  # B, 2, M
+        if not self.compiled or torch.compiler.is_compiling():
+            return self.pair_loss(grid, cells)
+        return self._compiled_pair_loss(grid, cells)
 
-    def first_layer(self, grid: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """First MLP layer on the concatenated pairs, W [e_a; e_b] + b = W_a e_a + W_b e_b + b.
-
-        With more sampled pairs than grid cells (m = 64 on a 7 x 7 grid), projecting every cell once with
-        both halves of W and gathering the projections is the same sum at fewer multiply-adds than
-        projecting the 2m gathered cells.
+    def pair_loss(self, grid: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
+        """DRLoc loss of the sampled pairs: targets, first layer, MLP and loss (what `compiled` compiles).
 
         Args:
             grid: (B, H, W, C) features.
-            pos: (B, 2, M, 2) sampled (row, col) of the first and second cell of each pair.
+            cells: (B, 2, M) flat indices (row * W + col) of the first and second cell of each pair.
+
+        Returns:
+            float32 scalar loss.
+        """
+        grid_size = (grid.shape[1], grid.shape[2])
+        pos = cell_positions(cells, grid_size[1])  # B, 2, M, 2
+        classes = offset_classes(pos[:, 0], pos[:, 1], grid_size, self.use_abs)  # B, M, 2
+        out = self.last_layer(self.mlp[1:4](self.first_layer(grid, cells)))  # B, M, 2 | B, M, hidden
+        with torch.autocast(device_type=grid.device.type, enabled=False):
+            return self.loss(out, classes, grid_size)
+
+    def first_layer(self, grid: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
+        """First MLP layer on the concatenated pairs [e_a; e_b], the cheaper way round for this grid.
+
+        With more sampled pairs than grid cells (m = 64 on a 7 x 7 grid), projecting every cell once and
+        gathering the projections costs fewer multiply-adds than projecting the 2m gathered cells.
+
+        Args:
+            grid: (B, H, W, C) features.
+            cells: (B, 2, M) flat indices of the first and second cell of each pair.
 
         Returns:
             (B, M, hidden) pre-activations.
         """
+        if grid.shape[1] * grid.shape[2] < cells.shape[-1]:
+            return self.project_then_gather(grid, cells)
+        return self.gather_then_project(grid, cells)
+
+    def gather_then_project(self, grid: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
+        """Gather both cells of every pair in one op, then W [e_a; e_b] + b. Shapes as `first_layer`."""
+        channels = grid.shape[-1]
+        both = grid.flatten(1, 2).unsqueeze(2).expand(-1, -1, 2, -1)  # B, H*W, 2, C (a view)
+        index = cells.transpose(1, 2).unsqueeze(-1).expand(-1, -1, -1, channels)  # B, M, 2, C
+        pairs = torch.gather(both, 1, index)  # B, M, 2, C: [e_a, e_b] of each pair
+        return self.mlp[0](pairs.flatten(2))  # B, M, hidden
+
+    def project_then_gather(self, grid: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
+        """W [e_a; e_b] + b = W_a e_a + W_b e_b + b: project every cell with both halves of W, then gather.
+
+        W (hidden, 2C) read as (2 hidden, C) holds row W_a[u] at 2u and W_b[u] at 2u + 1: one matrix
+        product projects each cell with both halves, without copying W. Shapes as `first_layer`.
+        """
         batch, height, width, channels = grid.shape
         linear = self.mlp[0]
-        batch_idx = torch.arange(batch, device=grid.device).view(batch, 1, 1)
-        if height * width < self.num_samples:
-            both = torch.cat((linear.weight[:, :channels], linear.weight[:, channels:]))  # 2 hidden, C
-            proj = F.linear(grid, both).unflatten(-1, (2, -1))  # B, H, W, 2, hidden
-            first = proj[batch_idx[..., 0], pos[:, 0, :, 0], pos[:, 0, :, 1], 0]  # B, M, hidden
-            second = proj[batch_idx[..., 0], pos[:, 1, :, 0], pos[:, 1, :, 1], 1]
-            return first + second + linear.bias
-        cells = grid[batch_idx, pos[..., 0], pos[..., 1]]  # B, 2, M, C
-        return linear(torch.cat((cells[:, 0], cells[:, 1]), dim=-1))  # B, M, hidden
+        hidden = linear.out_features
+        proj = F.linear(grid.flatten(1, 2), linear.weight.reshape(2 * hidden, channels))  # B, H*W, 2 hidden
+        proj = proj.view(batch, height * width, hidden, 2)  # [..., u, s]: half s of unit u
+        index = cells.transpose(1, 2).unsqueeze(2).expand(-1, -1, hidden, -1)  # B, M, hidden, 2
+        return torch.gather(proj, 1, index).sum(-1) + linear.bias  # B, M, hidden
 
-    def loss(self, out: torch.Tensor, target: torch.Tensor, grid_size: Tuple[int, int]) -> torch.Tensor:
-        """Loss of the MLP output `out` (B, M, 2 | B, M, hidden) against targets (B, M, 2), in float32."""
+    def last_layer(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The MLP's last Linear, (B, M, hidden) -> (B, M, out).
+
+        Under torch.compile, an output as narrow as l1's two offsets is written as a multiply-and-sum,
+        which inductor fuses with the ReLU before it and the loss after it; as a Linear it would take
+        three matrix-product launches (forward, and both products of the backward) for two columns.
+        """
+        linear = self.mlp[4]
+        if torch.compiler.is_compiling() and linear.out_features <= NARROW_OUTPUT:
+            return (hidden.unsqueeze(-2) * linear.weight).sum(-1) + linear.bias  # B, M, out
+        return linear(hidden)
+
+    def loss(self, out: torch.Tensor, classes: torch.Tensor, grid_size: Tuple[int, int]) -> torch.Tensor:
+        """Loss of the MLP output `out` (B, M, 2 | B, M, hidden) for offset classes (B, M, 2), in float32."""
+        if self.mode == 'ce':
+            return ce_loss(self.axis_logits(out, grid_size), classes)
+        target = offsets_to_targets(classes, grid_size, self.normalize)  # B, M, 2
         if self.mode == 'l1':
             return l1_loss(out, target)
+        logits = self.axis_logits(out, grid_size)  # B, M, 2, n
+        return cbr_loss(logits, target, self.offset_values(logits.shape[-1], grid_size, out.device))
+
+    def axis_logits(self, out: torch.Tensor, grid_size: Tuple[int, int]) -> torch.Tensor:
+        """Both axes' offset scores, (B, M, hidden) -> (B, M, 2, n) with n the larger class count.
+
+        Each axis keeps the classes of the runtime grid (it may be smaller than the one the head was
+        built for); an axis with fewer classes is padded with -inf, a score no softmax gives weight to.
+        """
+        counts = [num_offsets(size, self.use_abs) for size in grid_size]
+        width = max(counts)
         out = out.to(self.axis_heads[0].weight.dtype)  # fp16 under AMP; bf16 heads of a bf16 model stay bf16
-        logits = tuple(
-            head(out)[..., :num_offsets(size, self.use_abs)]  # the grid may be smaller than the largest one
-            for head, size in zip(self.axis_heads, grid_size))
-        if self.mode == 'ce':
-            return ce_loss(logits, target)
-        offsets = tuple(
-            torch.arange(num_offsets(size, self.use_abs), device=out.device, dtype=torch.float32)
-            / (size if self.normalize else 1)
-            for size in grid_size)
-        return cbr_loss(logits, target, offsets)
+        scores = []
+        for head, count in zip(self.axis_heads, counts):  # two Linear modules: the parameters are per axis
+            axis = head(out)[..., :count]  # B, M, count
+            scores.append(axis if count == width else F.pad(axis, (0, width - count), value=float('-inf')))
+        return torch.stack(scores, dim=-2)
+
+    def offset_values(self, count: int, grid_size: Tuple[int, int], device: torch.device) -> torch.Tensor:
+        """The offset each class stands for, on the targets' scale: (count,), or (2, count) per axis."""
+        values = torch.arange(count, device=device, dtype=torch.float32)
+        if not self.normalize:
+            return values
+        scale = per_axis(grid_size[0], grid_size[1], device, torch.float32)
+        return values / (scale.unsqueeze(-1) if torch.is_tensor(scale) else scale)
+
+    def _compiled_pair_loss(self, grid: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
+        """`pair_loss` through torch.compile; reports the first call's time (the forward's compilation)."""
+        compiled = compiled_pair_loss(None if self.compiled is True else self.compiled)
+        if self._compile_reported:
+            return compiled(self, grid, cells)
+        start = time.perf_counter()
+        loss = compiled(self, grid, cells)
+        self._compile_reported = True
+        _logger.info(f"DRLoc head {grid.shape[1]}x{grid.shape[2]}x{grid.shape[3]}: first compiled call took "
+                     f"{time.perf_counter() - start:.1f} s (the forward's compilation, unless a head of the same "
+                     f"shapes compiled it already; the backward compiles in the first backward)")
+        return loss
 
     def _check_runtime_grid(self, height: int, width: int) -> None:
         check_grid_size((height, width))
@@ -180,7 +312,19 @@ class DRLocHead(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"mode={self.mode}, num_samples={self.num_samples}, use_abs={self.use_abs}, "
-                f"normalize={self.normalize}, grid_size={self.grid_size}")
+                f"normalize={self.normalize}, grid_size={self.grid_size}"
+                + (f", compiled={self.compiled}" if self.compiled else ''))
+
+
+@functools.lru_cache(maxsize=None)
+def compiled_pair_loss(mode: Optional[str]) -> Callable[..., torch.Tensor]:
+    """DRLocHead.pair_loss compiled with torch.compile `mode`, once per process and mode, for all heads.
+
+    Compiled as a plain function taking the head, so that a deep copy of a head (EMA) holds no
+    reference to a compiled function bound to the original. Dynamo compiles on the first call and
+    again when shapes change (a second compile makes them dynamic), not per step.
+    """
+    return torch.compile(DRLocHead.pair_loss, mode=mode)
 
 
 def _is_count(value) -> bool:
@@ -188,7 +332,8 @@ def _is_count(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
 
 
-def check_head_args(mode: str, num_samples: int, hidden_dim: int, normalize: bool) -> None:
+def check_head_args(mode: str, num_samples: int, hidden_dim: int, normalize: bool,
+                    compiled: Union[bool, str] = False) -> None:
     """Reject head settings that cannot work, naming the value and the fix."""
     if mode not in MODES:
         raise ValueError(f"Unknown DRLoc mode '{mode}'. Use one of {', '.join(MODES)}.")
@@ -200,6 +345,9 @@ def check_head_args(mode: str, num_samples: int, hidden_dim: int, normalize: boo
         raise ValueError(
             "normalize=True has no meaning with mode='ce': its targets are offset classes, not values. "
             "Use normalize=False, or mode='l1' / 'cbr'.")
+    if not isinstance(compiled, bool) and compiled not in COMPILE_MODES:
+        raise ValueError(f"compile_head must be True, False or a torch.compile mode ({', '.join(COMPILE_MODES)}), "
+                         f"got {compiled!r}.")
 
 
 def check_grid_size(grid_size: Tuple[int, int]) -> None:

@@ -3,8 +3,6 @@
 Every loss takes the head's predictions and the relative-offset targets of the sampled pairs and
 returns a float32 scalar averaged over pairs and the batch, as the reference code does.
 """
-from typing import Tuple
-
 import torch
 import torch.nn.functional as F
 
@@ -16,46 +14,46 @@ def l1_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
     Args:
         pred: (B, M, 2) predicted offsets (rows, cols).
-        target: (B, M, 2) target offsets.
+        target: (B, M, 2) target offsets, float or integer (promoted to float32 by the subtraction).
     """
-    return F.l1_loss(pred.float(), target.float())
+    return F.l1_loss(pred.float(), target)
 
 
-def ce_loss(logits: Tuple[torch.Tensor, torch.Tensor], target: torch.Tensor) -> torch.Tensor:
+def ce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of each axis' offset classifier, summed over the two axes.
 
+    Both axes in one op: the mean over pairs, batch and the two axes, times two, is the sum of the
+    two axes' means.
+
     Args:
-        logits: ((B, M, n_rows), (B, M, n_cols)) scores over the possible offsets of each axis.
+        logits: (B, M, 2, n) scores over the possible offsets of each axis (rows, cols); classes an
+            axis lacks are -inf.
         target: (B, M, 2) integer offset classes (rows, cols).
     """
-    target = target.long()
-    return sum(
-        F.cross_entropy(axis_logits.float().flatten(0, 1), target[..., axis].flatten())
-        for axis, axis_logits in enumerate(logits))
+    return 2 * F.cross_entropy(logits.float().flatten(0, 2), target.long().flatten())
 
 
 def cbr_loss(
-        logits: Tuple[torch.Tensor, torch.Tensor],
+        logits: torch.Tensor,
         target: torch.Tensor,
-        offsets: Tuple[torch.Tensor, torch.Tensor],
+        offsets: torch.Tensor,
         var_weight: float = 1e-3,
         eps: float = 1e-8,
 ) -> torch.Tensor:
     """Cycle-back regression (variance-aware, after TCC): regress the softmax-expected offset.
 
     Per axis: beta = softmax(logits), mu = sum(beta * offsets), var = sum(beta * (offsets - mu)^2) + eps,
-    loss = mean((mu - t)^2 / var + var_weight * log(var)); the two axes are summed.
+    loss = mean((mu - t)^2 / var + var_weight * log(var)); the two axes are summed (computed together:
+    twice the mean over both).
 
     Args:
-        logits: ((B, M, n_rows), (B, M, n_cols)) scores over the possible offsets of each axis.
-        target: (B, M, 2) target offsets (rows, cols), on the scale of `offsets`.
-        offsets: ((n_rows,), (n_cols,)) the offset value of each class.
+        logits: (B, M, 2, n) scores over the possible offsets of each axis (rows, cols); classes an
+            axis lacks are -inf (zero weight).
+        target: (B, M, 2) target offsets (rows, cols), on the scale of `offsets`, float or integer.
+        offsets: (n,) the offset value of each class, or (2, n) one row per axis.
     """
-    total = 0.
-    for axis, (axis_logits, values) in enumerate(zip(logits, offsets)):
-        beta = axis_logits.float().softmax(dim=-1)  # B, M, n
-        mu = (beta * values).sum(-1)  # B, M
-        var = (beta * (values - mu.unsqueeze(-1)) ** 2).sum(-1) + eps
-        log_var = var.log()
-        total = total + (torch.exp(-log_var) * (mu - target[..., axis].float()) ** 2 + var_weight * log_var).mean()
-    return total
+    beta = logits.float().softmax(dim=-1)  # B, M, 2, n
+    mu = (beta * offsets).sum(-1)  # B, M, 2
+    var = (beta * (offsets - mu.unsqueeze(-1)) ** 2).sum(-1) + eps
+    log_var = var.log()
+    return 2 * (torch.exp(-log_var) * (mu - target) ** 2 + var_weight * log_var).mean()

@@ -66,10 +66,11 @@ class GridReader:
         self.handles = [
             model.get_submodule(source.name).register_forward_hook(capture)
             for source, capture in zip(self.sources, self.captures)]
+        self.removed = False  # a flag, not the handles: torch.compile cannot trace a RemovableHandle
 
     def read(self, run: Callable[[], Any]) -> Tuple[Any, List[torch.Tensor]]:
         """(run(), [raw output of each grid module during run()]), in the order of `sources`."""
-        if not self.handles:
+        if self.removed:
             raise RuntimeError("remove_hooks() was called: this model no longer reads grids. Train with a fresh "
                                "timm_drloc.wrap(model), or run the plain backbone for inference.")
         for capture in self.captures:
@@ -88,6 +89,7 @@ class GridReader:
         for handle in self.handles:
             handle.remove()
         self.handles = []
+        self.removed = True
 
 
 def drloc_loss(
@@ -107,7 +109,8 @@ def drloc_loss(
     Returns:
         () scalar loss.
     """
-    return sum(head(to_grid(feat, source, input_hw)) for head, source, feat in zip(heads, sources, features))
+    losses = [head(to_grid(feat, source, input_hw)) for head, source, feat in zip(heads, sources, features)]
+    return sum(losses[1:], losses[0])  # from the first loss: no `0 + loss` operator
 
 
 class WrapsModel(nn.Module):
@@ -220,6 +223,7 @@ def wrap(
         layers: Optional[Sequence[str]] = None,
         layout: Optional[str] = None,
         input_size: Optional[Sequence[int]] = None,
+        compile_head: Union[bool, str] = False,
 ) -> DRLocModel:
     """Add DRLoc heads to a model.
 
@@ -235,6 +239,10 @@ def wrap(
         layout: 'NCHW', 'NHWC' or 'NLC' for the `layers` outputs, when detection is ambiguous.
         input_size: (C, H, W) for the probe pass that finds the grids; default: the channels and size the model
             was built for (its `in_chans` or first convolution, its `img_size`), then its pretrained_cfg.
+        compile_head: torch.compile each head's step (targets, MLP, loss and their backward): fewer kernel
+            launches on a GPU, same random pairs as eager. True, or a torch.compile mode name
+            ('reduce-overhead' adds CUDA graphs). The backbone stays as it is (compile it, or the whole
+            task, as usual; inside a whole-model compile this option changes nothing).
 
     Returns:
         DRLocModel: train mode -> DRLocOutput(logits, drloc_loss), eval mode -> logits.
@@ -248,7 +256,7 @@ def wrap(
     if isinstance(unwrap_once(model), DRLocModel) or isinstance(model, DRLocModel):
         raise ValueError("This model is already wrapped by timm_drloc.wrap(); wrap the plain model once "
                          "(timm_drloc.unwrap(m) gives it back).")
-    check_head_args(mode, num_samples, hidden_dim, normalize)
+    check_head_args(mode, num_samples, hidden_dim, normalize, compile_head)
     if layout is not None and layout not in LAYOUTS:
         raise ValueError(f"Unknown layout '{layout}'. Use one of {', '.join(LAYOUTS)}.")
     if layers is not None and multiscale:
@@ -264,7 +272,7 @@ def wrap(
     check_head_memory([(s.num_chs, s.grid_size) for s in sources], hidden_dim, num_samples, mode, use_abs, device)
     heads = [
         DRLocHead(s.num_chs, s.grid_size, mode=mode, num_samples=num_samples, use_abs=use_abs,
-                  normalize=normalize, hidden_dim=hidden_dim).to(device=device, dtype=dtype)
+                  normalize=normalize, hidden_dim=hidden_dim, compiled=compile_head).to(device=device, dtype=dtype)
         for s in sources]
     return DRLocModel(model, sources, heads, route)
 

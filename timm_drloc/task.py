@@ -88,6 +88,7 @@ class DRLocTask(TrainingTask):
         device: device for the task, its heads and criterion (default: the base task's).
         dtype: dtype for task tensors (default: the base task's).
         verbose: log the set-up.
+        compile_head: torch.compile the DRLoc heads alone (see `timm_drloc.wrap()`).
 
     Returns (forward):
         alone: {'loss', 'output', 'task_loss', 'drloc_loss'}; over a base task: the base task's
@@ -125,6 +126,7 @@ class DRLocTask(TrainingTask):
             device: Optional[torch.device] = None,
             dtype: Optional[torch.dtype] = None,
             verbose: bool = True,
+            compile_head: Union[bool, str] = False,
     ):
         if base_task is not None:
             _check_base_task(base_task, model, criterion, criterion_kwargs)
@@ -135,6 +137,7 @@ class DRLocTask(TrainingTask):
         drloc = wrap(
             model, mode=mode, num_samples=num_samples, multiscale=multiscale, use_abs=use_abs,
             normalize=normalize, hidden_dim=hidden_dim, layers=layers, layout=layout, input_size=input_size,
+            compile_head=compile_head,
         ).to(device=self.device)
         self.base_task = base_task
         if base_task is None:
@@ -148,7 +151,7 @@ class DRLocTask(TrainingTask):
             over = f" over {type(base_task).__name__}" if base_task is not None else ''
             _logger.info(
                 f"DRLocTask{over}: lambda={self.drloc_lambda}, mode={mode}, samples={num_samples}, "
-                f"abs={use_abs}, normalize={normalize}, grids: {grids}")
+                f"abs={use_abs}, normalize={normalize}, compile_head={compile_head}, grids: {grids}")
 
     def set_drloc_lambda(self, value: float) -> None:
         """Set the DRLoc weight (the training loop calls this each epoch for a schedule)."""
@@ -307,7 +310,7 @@ class DRLocTask(TrainingTask):
         if self.base_task is not None:
             result = dict(self.base_task(input, target))
             drloc_loss = _find_trainable(self.trainable_module).pop_drloc_loss()
-            result['loss'] = result['loss'] + self.drloc_lambda * drloc_loss
+            result['loss'] = torch.add(result['loss'], drloc_loss, alpha=self.drloc_lambda)  # one operator, not two
             result['drloc_loss'] = drloc_loss
             return result
         out = self.trainable_module(input)
@@ -324,7 +327,7 @@ class DRLocTask(TrainingTask):
                              f"(e.g. a small nn.Module that calls it and returns the logits entry).")
         task_loss = self.criterion(out.logits, target)
         return {
-            'loss': task_loss + self.drloc_lambda * out.drloc_loss,
+            'loss': torch.add(task_loss, out.drloc_loss, alpha=self.drloc_lambda),  # one operator, not two
             'output': out.logits,
             'task_loss': task_loss,
             'drloc_loss': out.drloc_loss,
