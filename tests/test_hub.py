@@ -256,7 +256,7 @@ def test_checkpoint_whose_pickle_would_run_code_is_refused_and_nothing_runs(run,
 def test_missing_checkpoint_and_unknown_model_name_the_value(run, tmp_path):
     with pytest.raises(FileNotFoundError, match='nope.pth.tar'):
         hub.export(tmp_path / 'nope.pth.tar', tmp_path / 'export')
-    with pytest.raises(ValueError, match="Unknown model 'not_a_model'"):
+    with pytest.raises(ValueError, match="unknown model 'not_a_model'"):
         hub.export(run.dir / 'last.pth.tar', tmp_path / 'export', model_name='not_a_model')
     with pytest.raises(ValueError, match=r"timm.create_model\('resnet18'.*unexpected keyword argument 'depth'"):
         hub.export(run.dir / 'last.pth.tar', tmp_path / 'export', model_name='resnet18')

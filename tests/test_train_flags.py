@@ -316,10 +316,10 @@ def test_config_wrong_type_is_rejected_with_the_key(monkeypatch, tmp_path, capsy
 @pytest.mark.parametrize('argv, message', [
     (['--drloc-lambda', '-1'], '--drloc-lambda must be a finite number >= 0, got -1.0'),
     (['--drloc-lambda', 'nan'], '--drloc-lambda must be a finite number >= 0, got nan'),
-    (['--drloc-samples', '0'], '--drloc-samples must be >= 1, got 0'),
-    (['--drloc-samples', '-4'], '--drloc-samples must be >= 1, got -4'),
+    (['--drloc-samples', '0'], '--drloc-samples must be an integer >= 1 (pairs per image), got 0'),
+    (['--drloc-samples', '-4'], '--drloc-samples must be an integer >= 1 (pairs per image), got -4'),
     (['--drloc-mode', 'l2'], "invalid choice: 'l2'"),
-    (['--drloc-hidden-dim', '0'], '--drloc-hidden-dim must be >= 1'),
+    (['--drloc-hidden-dim', '0'], '--drloc-hidden-dim must be an integer >= 1, got 0'),
     (['--drloc-lambda', '0.5', '--kd-model-name', 'resnet18'], 'cannot be combined with --kd-model-name'),
     (['--drloc-lambda', '0.5', '--torchscript'], 'use --torchcompile instead'),
     (['--drloc-lambda', '0.5', '--naflex-loader'], 'DRLoc needs a square token grid'),

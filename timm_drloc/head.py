@@ -5,7 +5,6 @@ device. The two embeddings are gathered straight from the (B, H, W, C) view (no 
 host round-trip, no loop over the batch), concatenated and fed to a small MLP that predicts the
 offset (i - p, j - h): as two numbers (`l1`) or as one class per possible offset and axis (`ce`, `cbr`).
 """
-import numbers
 import os
 from typing import NamedTuple, Optional, Sequence, Tuple
 
@@ -13,7 +12,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .losses import MODES, cbr_loss, ce_loss, l1_loss
+from .errors import GridTooSmallError
+from .losses import cbr_loss, ce_loss, l1_loss
+from .settings import check_settings
 
 
 def sample_positions(batch: int, height: int, width: int, num_samples: int, device: torch.device) -> torch.Tensor:
@@ -89,7 +90,7 @@ class DRLocHead(nn.Module):
             hidden_dim: int = 512,
     ):
         super().__init__()
-        check_head_args(mode, num_samples, hidden_dim, normalize)
+        check_settings(mode=mode, num_samples=num_samples, hidden_dim=hidden_dim, normalize=normalize)
         check_grid_size(grid_size)
         num_samples, hidden_dim = int(num_samples), int(hidden_dim)  # numpy integers too
         self.mode = mode
@@ -183,30 +184,11 @@ class DRLocHead(nn.Module):
                 f"normalize={self.normalize}, grid_size={self.grid_size}")
 
 
-def _is_count(value) -> bool:
-    """An integer >= 1, Python's or numpy's (not a bool)."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
-
-
-def check_head_args(mode: str, num_samples: int, hidden_dim: int, normalize: bool) -> None:
-    """Reject head settings that cannot work, naming the value and the fix."""
-    if mode not in MODES:
-        raise ValueError(f"Unknown DRLoc mode '{mode}'. Use one of {', '.join(MODES)}.")
-    if not _is_count(num_samples):
-        raise ValueError(f"num_samples must be an integer >= 1 (pairs per image), got {num_samples!r}. The reference uses 64.")
-    if not _is_count(hidden_dim):
-        raise ValueError(f"hidden_dim must be an integer >= 1, got {hidden_dim!r}. The reference uses 512.")
-    if normalize and mode == 'ce':
-        raise ValueError(
-            "normalize=True has no meaning with mode='ce': its targets are offset classes, not values. "
-            "Use normalize=False, or mode='l1' / 'cbr'.")
-
-
 def check_grid_size(grid_size: Tuple[int, int]) -> None:
     """A grid needs at least two cells to have relative positions to learn."""
     height, width = grid_size
     if height * width < 2:
-        raise ValueError(
+        raise GridTooSmallError(
             f"The feature grid is {height}x{width}: a single cell has no relative position to localize. "
             f"Use a larger input size (more cells at the final stride) or read an earlier stage with layers=[...].")
 

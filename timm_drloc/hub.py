@@ -33,6 +33,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
+from .checkpoint import check_model_name, read_checkpoint
 from .errors import ExitCode
 
 _logger = logging.getLogger(__name__)
@@ -85,33 +86,10 @@ def load_training_checkpoint(path: Union[str, Path]) -> Dict[str, Any]:
         except Exception as e:
             raise ValueError(f"Checkpoint '{path}' is not a readable safetensors file ({e}). "
                              f"It may be truncated: export from an intact copy.") from e
-    from timm.utils import load_checkpoint_metadata
-    try:
-        checkpoint = load_checkpoint_metadata(str(path))
-    except Exception as e:
-        raise ValueError(_unreadable_message(path, e)) from e
-    if not isinstance(checkpoint, dict):
-        raise ValueError(f"Checkpoint '{path}' holds a {type(checkpoint).__name__}, not a dict of tensors or a "
-                         f"training checkpoint. Save the model's state_dict() instead of the module.")
+    checkpoint = read_checkpoint(path)
     if 'state_dict' not in checkpoint and checkpoint and all(torch.is_tensor(v) for v in checkpoint.values()):
         checkpoint = {'state_dict': checkpoint}
     return checkpoint
-
-
-def _unreadable_message(path: Path, error: Exception) -> str:
-    text = str(error)
-    if 'weights_only' in text or 'globals' in text.lower():
-        unsafe = ''
-        try:
-            found = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
-            unsafe = f" (it references {', '.join(found)})" if found else ''
-        except Exception:
-            pass
-        return (f"Refusing to load checkpoint '{path}': its pickle holds objects other than tensors and plain "
-                f"values{unsafe}, and loading them could run code. Only load checkpoints written by timm / "
-                f"timm-drloc training, or a safetensors file.")
-    return (f"Checkpoint '{path}' is truncated or corrupt and cannot be read ({type(error).__name__}: {text}). "
-            f"Export from an intact checkpoint (last.pth.tar, model_best.pth.tar or an older checkpoint-*.pth.tar).")
 
 
 def checkpoint_args(checkpoint: Dict[str, Any]) -> Dict[str, Any]:
@@ -223,13 +201,9 @@ def build_model(
 def _create(model_name: str, kwargs: Dict[str, Any], source: Any) -> nn.Module:
     """timm.create_model with its errors as ValueErrors that say which flags to fix."""
     import timm
+    check_model_name(model_name)
     try:
         return timm.create_model(model_name, **kwargs)
-    except RuntimeError as e:
-        if 'Unknown model' in str(e):
-            raise ValueError(f"Unknown model '{model_name}'. Pass the timm architecture the checkpoint was trained "
-                             f"as with --model (model_name=...); `timm.list_models()` lists them.") from e
-        raise
     except TypeError as e:
         raise ValueError(f"timm.create_model('{model_name}', **{kwargs}) failed: {e}. Pass the --model and "
                          f"--model-kwargs (model_name, model_kwargs) the run in '{source}' was trained with.") from e

@@ -42,7 +42,7 @@ from timm.layers import convert_splitbn_model, convert_sync_batchnorm, set_fast_
 from timm.data import MultiLabelTarget
 from timm.data.readers.targets import TARGET_FORMATS
 from timm.loss import LOSS_TYPES, create_classification_loss, load_class_stats, resolve_class_weights
-from timm.models import clean_state_dict, create_model, load_checkpoint, resolve_model_input_args, safe_model_name
+from timm.models import create_model, load_checkpoint, load_state_dict, safe_model_name
 from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.task import (
@@ -50,13 +50,16 @@ from timm.task import (
     TokenDistillationTask, load_task_ema_checkpoint, resume_task_checkpoint,
 )
 from timm.task.evaluator import ClassificationEvaluator, MultiLabelClassificationEvaluator, evaluation_sample_limit
-from timm.utils import NativeScaler, load_checkpoint_metadata
+from timm.utils import NativeScaler
 from timm.utils.model import unwrap_model
 
-from timm_drloc.data import check_first_images, check_same_classes, name_unreadable_images, split_folder
-from timm_drloc.errors import ConfigError, ExitCode, NonFiniteLossError
+from timm_drloc.checkpoint import create_model_args, is_weights_only, read_checkpoint
+from timm_drloc.data import check_first_images, check_same_classes, holds_images, name_unreadable_images, split_folder
+from timm_drloc.errors import (
+    CheckpointError, ConfigError, ExitCode, GridError, GridTooSmallError, NonFiniteLossError, ProbeError, SingleScaleError)
 from timm_drloc.head import HeadTooLargeError, check_head_memory, memory_text
 from timm_drloc.hub import add_push_args, check_push_args, push_after_training
+from timm_drloc.settings import add_drloc_args, check_drloc_args, drloc_kwargs, drloc_lambda_for_epoch, ignored_drloc_flags
 
 try:
     import wandb
@@ -73,7 +76,6 @@ except ImportError:
 _logger = logging.getLogger('train_drloc')
 
 CHECKPOINT_EXT = '.pth.tar'
-DRLOC_MODES = ('l1', 'ce', 'cbr')
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -361,26 +363,7 @@ parser.add_argument('--kd-teacher-feature-dim', default=None, type=int, help='te
 parser.add_argument('--kd-token-distill-type', default='soft', type=str, choices=['soft', 'hard'],
                     help='token distillation: soft (KL) or hard (CE on teacher argmax)')
 
-group = parser.add_argument_group('DRLoc parameters', 'The DRLoc auxiliary loss (Liu et al., NeurIPS 2021).')
-group.add_argument('--drloc-lambda', type=float, default=0.0, metavar='W',
-                   help='weight of the DRLoc loss; 0 (default) trains plain classification. Paper: 0.5 Swin, '
-                        '0.1 T2T/CvT (with the default unnormalized targets)')
-group.add_argument('--drloc-mode', type=str, default='l1', choices=DRLOC_MODES,
-                   help='l1 regression of offsets, ce classification of offsets, or cbr cycle-back regression')
-group.add_argument('--drloc-samples', type=int, default=64, metavar='M', help='position pairs per image')
-group.add_argument('--drloc-signed', action='store_true', default=False,
-                   help='predict signed offsets instead of absolute ones')
-group.add_argument('--drloc-normalize', action='store_true', default=False,
-                   help="divide targets by the grid size (the paper's formula; lambda must be about k times larger)")
-group.add_argument('--drloc-multiscale', action='store_true', default=False,
-                   help='one DRLoc head per stage of a multi-stage model (Swin)')
-group.add_argument('--drloc-hidden-dim', type=int, default=512, metavar='N', help='hidden width of the DRLoc MLP')
-group.add_argument('--drloc-layers', type=str, nargs='+', default=None, metavar='PATH',
-                   help="module paths whose outputs are the grids (default: the model's last feature map)")
-group.add_argument('--drloc-warmup-epochs', type=int, default=0, metavar='N',
-                   help='ramp lambda linearly from 0 over these epochs (reference code: 20)')
-group.add_argument('--drloc-decay', action='store_true', default=False,
-                   help='decay lambda linearly to 0 at the last epoch (reference code schedule)')
+add_drloc_args(parser)
 group = parser.add_argument_group('Hugging Face Hub parameters', 'Upload the trained model in timm\'s Hub format.')
 add_push_args(group)
 del group, scripting_group
@@ -509,38 +492,15 @@ def _load_config(path: str) -> Dict[str, Any]:
 
 
 def _check_drloc_flags(args: argparse.Namespace) -> None:
-    """Reject DRLoc flag values that cannot work, with the value and what to use instead."""
-    if not math.isfinite(args.drloc_lambda) or args.drloc_lambda < 0:
-        parser.error(f'--drloc-lambda must be a finite number >= 0, got {args.drloc_lambda}; use 0 to train without '
-                     f'DRLoc, or a '
-                     f'weight such as 0.5 (Swin) / 0.1 (T2T, CvT)')
-    if args.drloc_samples < 1:
-        parser.error(f'--drloc-samples must be >= 1, got {args.drloc_samples}; the reference uses 64 pairs per image')
-    if args.drloc_hidden_dim < 1:
-        parser.error(f'--drloc-hidden-dim must be >= 1, got {args.drloc_hidden_dim}; the reference uses 512')
-    if args.drloc_warmup_epochs < 0:
-        parser.error(f'--drloc-warmup-epochs must be >= 0, got {args.drloc_warmup_epochs}')
-    if args.drloc_lambda == 0:
-        used = [f for f, on in (
-            ('--drloc-signed', args.drloc_signed), ('--drloc-normalize', args.drloc_normalize),
-            ('--drloc-multiscale', args.drloc_multiscale), ('--drloc-layers', args.drloc_layers),
-            ('--drloc-decay', args.drloc_decay), ('--drloc-warmup-epochs', args.drloc_warmup_epochs)) if on]
-        if used:
-            _logger.warning(f'{", ".join(used)} given but --drloc-lambda is 0, so DRLoc is off and they have no '
-                            f'effect; set --drloc-lambda (e.g. 0.5) to train with DRLoc')
-        return
-    if args.kd_model_name:
-        parser.error('--drloc-lambda > 0 cannot be combined with --kd-model-name: one training task per run. Drop '
-                     'one of them')
-    if args.naflex_loader:
-        parser.error('--drloc-lambda > 0 cannot be combined with --naflex-loader: DRLoc needs a square token grid. '
-                     'Drop --naflex-loader')
-    if args.torchscript:
-        parser.error('--drloc-lambda > 0 cannot be combined with --torchscript: DRLoc reads grids with forward hooks. '
-                     'Use --torchcompile instead')
-    if args.train_img_sizes and args.drloc_mode != 'l1':
-        parser.error(f'--drloc-mode {args.drloc_mode} has one class per grid offset, so its grid size must not change; '
-                     f'with --train-img-sizes use --drloc-mode l1')
+    """Reject DRLoc flag values that cannot work, with the value and what to use instead (settings.py's check)."""
+    try:
+        check_drloc_args(args)
+    except ConfigError as e:
+        parser.error(str(e))
+    ignored = ignored_drloc_flags(args)
+    if ignored:
+        _logger.warning(f'{", ".join(ignored)} given but --drloc-lambda is 0, so DRLoc is off and they have no '
+                        f'effect; set --drloc-lambda (e.g. 0.5) to train with DRLoc')
 
 
 def _check_loss_flags(args: argparse.Namespace) -> None:
@@ -714,23 +674,12 @@ def _readable_checkpoint(path: str, weights_only_ok: bool = False) -> Optional[s
     """None when `path` loads as a training checkpoint (with `weights_only_ok`, also as a model state dict
     without an epoch, as timm's clean_checkpoint.py writes), else why it does not."""
     try:
-        meta = load_checkpoint_metadata(path)
-    except Exception as e:  # truncated zip, pickle refused by weights_only, ...
-        return f'{type(e).__name__}: {e}'.splitlines()[0]
-    if isinstance(meta, dict) and 'epoch' in meta:
-        return None
-    if weights_only_ok and _is_weights_only(meta):
+        meta = read_checkpoint(path)
+    except CheckpointError as e:
+        return e.problem
+    if 'epoch' in meta or (weights_only_ok and is_weights_only(meta)):
         return None
     return 'no epoch entry, not a training checkpoint' + (' nor a model state dict' if weights_only_ok else '')
-
-
-def _is_weights_only(checkpoint: Any) -> bool:
-    """A checkpoint without an epoch that timm resumes as model weights: a bare state dict (name -> tensor), or
-    one under 'state_dict' / 'model'."""
-    if not isinstance(checkpoint, dict) or not checkpoint or 'epoch' in checkpoint:
-        return False
-    state_dict = checkpoint.get('state_dict', checkpoint.get('model', checkpoint))
-    return isinstance(state_dict, dict) and bool(state_dict) and all(torch.is_tensor(v) for v in state_dict.values())
 
 
 def _is_recovery(path: str) -> bool:
@@ -823,11 +772,10 @@ def _resume_checkpoint(
     fresh (timm would refuse the missing task state); a recovery-E-B file was written inside epoch E, so the run
     repeats epoch E from its start (timm would skip the rest of it).
     """
-    meta = load_checkpoint_metadata(path)
+    meta = read_checkpoint(path)
     task_state = meta.get('task_state') if isinstance(meta.get('task_state'), dict) else {}
-    if _is_weights_only(meta) and args.drloc_lambda > 0 and 'drloc_heads' not in task_state:
-        state_dict = clean_state_dict(meta.get('state_dict', meta.get('model', meta)))
-        unwrap_model(task.get_eval_model()).load_state_dict(state_dict)
+    if is_weights_only(meta) and args.drloc_lambda > 0 and 'drloc_heads' not in task_state:
+        unwrap_model(task.get_eval_model()).load_state_dict(load_state_dict(path, use_ema=False))
         if utils.is_primary(args):
             _logger.info(f'--resume {path} holds model weights only (no epoch, optimizer or DRLoc heads): loaded '
                          f'them; training starts at epoch 0 with fresh DRLoc heads')
@@ -902,28 +850,19 @@ def _build_model(args: argparse.Namespace) -> nn.Module:
     """
     overlay = dict(file=args.pretrained_path, num_classes=-1) if args.pretrained_path else {}
     overlay.update(args.pretrained_cfg_overlay)
-    try:
-        model_args = resolve_model_input_args(
-            args.model,
-            vars(args),
-            pretrained_cfg_overlay=overlay or None,
-            num_classes=args.num_classes,
-            drop_rate=args.drop,
-            drop_path_rate=args.drop_path,
-            drop_block_rate=args.drop_block,
-            global_pool=args.gp,
-            bn_momentum=args.bn_momentum,
-            bn_eps=args.bn_eps,
-            **args.model_kwargs,
-        )
-    except RuntimeError as e:
-        if 'Unknown model' in str(e):
-            raise ConfigError(f'--model {args.model}: {e}; list names with timm.list_models("*pattern*")') from e
-        raise
-    except ValueError as e:  # input sizes that disagree, or a model name that is neither a timm name nor a source
-        hint = ('make --in-chans / --input-size / --img-size agree with --model-kwargs' if 'Conflicting input'
-                in str(e) else 'pass a timm model name, hf-hub:REPO_ID or local-dir:PATH')
-        raise ConfigError(f'--model {args.model}: {e}; {hint}') from e
+    model_args = create_model_args(
+        args.model,
+        vars(args),
+        pretrained_cfg_overlay=overlay or None,
+        num_classes=args.num_classes,
+        drop_rate=args.drop,
+        drop_path_rate=args.drop_path,
+        drop_block_rate=args.drop_block,
+        global_pool=args.gp,
+        bn_momentum=args.bn_momentum,
+        bn_eps=args.bn_eps,
+        **args.model_kwargs,
+    )
     numpy_weights = os.path.splitext(args.initial_checkpoint)[1].lower() in ('.npz', '.npy')  # model-specific
     if args.initial_checkpoint and not numpy_weights:
         _check_checkpoint_file('--initial-checkpoint', args.initial_checkpoint)
@@ -1044,18 +983,20 @@ def _train_loss(args: argparse.Namespace, num_classes: Optional[int] = None, ver
         poly_gamma=args.poly_gamma, jsd_splits=max(args.aug_splits, 0), **db)
 
 
-def _drloc_cli_hint(message: str, input_size: Sequence[int]) -> str:
-    """The command-line form of the fix a DRLoc library error names in API terms."""
-    if 'probe' in message:
-        return (f' (on the command line: models with a fixed input size need it at creation, e.g. '
-                f'--model-kwargs img_size={input_size[-1]})')
-    if 'multiscale' in message:
-        return ' (on the command line: drop --drloc-multiscale)'
-    if '1x1' in message:  # before 'layers': its message names layers=[...] as the other way out
-        return ' (on the command line: a larger --img-size with --model-kwargs img_size=..., or --drloc-layers)'
-    if 'layers' in message:
-        return ' (on the command line: --drloc-layers PATH [PATH ...])'
-    return ''
+# what the command line does instead of the API fix each grid error names
+_GRID_FIXES = (
+    (ProbeError, 'models with a fixed input size need it at creation, e.g. --model-kwargs img_size={size}'),
+    (SingleScaleError, 'drop --drloc-multiscale'),
+    (GridTooSmallError, 'a larger --img-size with --model-kwargs img_size=..., or --drloc-layers'),
+    (GridError, '--drloc-layers PATH [PATH ...]'),  # GridNotFoundError, and any other
+)
+
+
+def _grid_error(args: argparse.Namespace, error: GridError, input_size: Sequence[int]) -> ConfigError:
+    """A GridError in the command line's terms: the library's message, then the flags that fix it."""
+    fix = next(text for cls, text in _GRID_FIXES if isinstance(error, cls))
+    return ConfigError(f'cannot add DRLoc to {args.model}: {error} (on the command line: '
+                       f'{fix.format(size=input_size[-1])})')
 
 
 def _head_memory_error(args: argparse.Namespace, error: HeadTooLargeError) -> ConfigError:
@@ -1071,10 +1012,10 @@ def _head_memory_error(args: argparse.Namespace, error: HeadTooLargeError) -> Co
 
 def _check_head_memory(args: argparse.Namespace, task: nn.Module, device: torch.device) -> None:
     """The DRLoc heads at the run's batch size must fit the device (wrap() checked them at one image)."""
-    drloc = task.get_trainable_module()
+    drloc, settings = task.get_trainable_module(), drloc_kwargs(args)
     try:
-        check_head_memory([(s.num_chs, s.grid_size) for s in drloc.sources], args.drloc_hidden_dim,
-                          args.drloc_samples, args.drloc_mode, not args.drloc_signed, device,
+        check_head_memory([(s.num_chs, s.grid_size) for s in drloc.sources], settings['hidden_dim'],
+                          settings['num_samples'], settings['mode'], settings['use_abs'], device,
                           batch_size=args.batch_size)
     except HeadTooLargeError as e:
         raise _head_memory_error(args, e) from e
@@ -1091,29 +1032,16 @@ def _build_task(
     """DRLocTask when --drloc-lambda > 0, a timm distillation task with --kd-model-name, else timm's
     ClassificationTask (MultiLabelClassificationTask with --task multilabel)."""
     verbose = utils.is_primary(args)
-    if args.drloc_lambda > 0:
+    settings = drloc_kwargs(args)
+    if settings is not None:
         from timm_drloc.task import DRLocTask
         try:
-            return DRLocTask(
-                model,
-                drloc_lambda=args.drloc_lambda,
-                criterion=criterion,
-                mode=args.drloc_mode,
-                num_samples=args.drloc_samples,
-                multiscale=args.drloc_multiscale,
-                use_abs=not args.drloc_signed,
-                normalize=args.drloc_normalize,
-                hidden_dim=args.drloc_hidden_dim,
-                layers=args.drloc_layers,
-                input_size=tuple(input_size),
-                device=device,
-                dtype=model_dtype,
-                verbose=verbose,
-            )
+            return DRLocTask(model, criterion=criterion, input_size=tuple(input_size), device=device, dtype=model_dtype,
+                             verbose=verbose, **settings)
         except HeadTooLargeError as e:
             raise _head_memory_error(args, e) from e
-        except ValueError as e:
-            raise ConfigError(f'cannot add DRLoc to {args.model}: {e}{_drloc_cli_hint(str(e), input_size)}') from e
+        except GridError as e:
+            raise _grid_error(args, e, input_size) from e
     if args.kd_model_name is not None:
         common = dict(student_model=model, teacher_model=args.kd_model_name, criterion=criterion,
                       distill_loss_weight=args.distill_loss_weight, task_loss_weight=args.task_loss_weight,
@@ -1147,11 +1075,17 @@ def _check_data_dir(args: argparse.Namespace) -> None:
                           f'holding {args.train_split}/ and {args.val_split}/ class folders')
     if not os.path.isdir(args.data_dir):
         return  # a .tar of images: no split folders
-    train_dir = split_folder(args.data_dir, args.train_split, '--train-split', args.val_split)
-    val_dir = split_folder(args.data_dir, args.val_split, '--val-split', args.train_split) if args.val_split else None
+    train_dir, val_dir = _split_folders(args)
     if utils.is_primary(args):
         _logger.info(f'Data: training on {train_dir}, validating on '
                      f'{val_dir or "nothing (--val-split is empty)"}.')
+
+
+def _split_folders(args: argparse.Namespace) -> Tuple[str, Optional[str]]:
+    """The folders of the train and eval splits of a folder dataset (eval None without --val-split)."""
+    train_dir = split_folder(args.data_dir, args.train_split, '--train-split', args.val_split)
+    val_dir = split_folder(args.data_dir, args.val_split, '--val-split', args.train_split) if args.val_split else None
+    return train_dir, val_dir
 
 
 def _build_datasets(args: argparse.Namespace, input_img_mode: str):
@@ -1173,11 +1107,13 @@ def _build_datasets(args: argparse.Namespace, input_img_mode: str):
         if args.val_split:
             dataset_eval = create_dataset(
                 args.dataset, split=args.val_split, is_training=False, num_samples=args.val_num_samples, **common)
-    except RuntimeError as e:
-        if 'Found 0 images' not in str(e):
+    except RuntimeError as e:  # timm's folder reader found no images: say which split folder is empty
+        folders = _split_folders(args) if _is_folder_dataset(args) and os.path.isdir(args.data_dir) else ()
+        empty = [f for f in folders if f and not holds_images(f)]
+        if not empty:
             raise
-        raise ConfigError(f'{e}; an image folder dataset holds <root>/{args.train_split}/<class>/<image> and '
-                          f'<root>/{args.val_split}/<class>/<image>') from e
+        raise ConfigError(f'{empty[0]} holds no images ({e}); an image folder dataset holds '
+                          f'<root>/{args.train_split}/<class>/<image> and <root>/{args.val_split}/<class>/<image>') from e
     readers = [getattr(d, 'reader', None) for d in (dataset_train, dataset_eval)]
     classes = [getattr(r, 'class_to_idx', None) for r in readers]
     if classes[0] and classes[1]:
@@ -1220,18 +1156,12 @@ def _scaled_lr(args: argparse.Namespace, batch_size_reference: float) -> float:
     return lr
 
 
-def _drloc_lambda(args: argparse.Namespace, epoch: int, num_epochs: int) -> float:
-    from timm_drloc.task import drloc_lambda_at
-    return drloc_lambda_at(epoch, args.drloc_lambda, num_epochs,
-                           warmup_epochs=args.drloc_warmup_epochs, decay=args.drloc_decay)
-
-
 def _warn_unreached_lambda(args: argparse.Namespace, num_epochs: int) -> None:
     """Warn at start when the warm-up is as long as the schedule, so lambda never reaches --drloc-lambda (the
     per-epoch value is in summary.csv's drloc_lambda column, and the model card states the value reached)."""
     if args.drloc_lambda <= 0 or args.drloc_warmup_epochs < num_epochs:
         return
-    reached = max(_drloc_lambda(args, epoch, num_epochs) for epoch in range(num_epochs))
+    reached = max(drloc_lambda_for_epoch(args, epoch, num_epochs) for epoch in range(num_epochs))
     _logger.warning(f'--drloc-warmup-epochs {args.drloc_warmup_epochs} is not shorter than the {num_epochs}-epoch '
                     f'schedule: lambda only ramps up to {reached:g}, never the asked --drloc-lambda '
                     f'{args.drloc_lambda:g}; use fewer warm-up epochs (or more --epochs)')
@@ -2023,7 +1953,7 @@ def _train_epochs(
             position.epoch, position.step = epoch, None
             _set_loader_epoch(loader_train, epoch)
             if drloc_on:
-                task.set_drloc_lambda(_drloc_lambda(args, epoch, num_epochs))
+                task.set_drloc_lambda(drloc_lambda_for_epoch(args, epoch, num_epochs))
             train_metrics = train_one_epoch(
                 epoch, model, loader_train, optimizer, args, task=task, device=device, lr_scheduler=lr_scheduler,
                 saver=saver, output_dir=output_dir, amp_autocast=amp_autocast, loss_scaler=loss_scaler,
