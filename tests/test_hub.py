@@ -22,7 +22,7 @@ import torch
 from timm.utils import CheckpointSaver, update_summary
 
 import timm_drloc
-from timm_drloc import hub
+from timm_drloc import card, hub
 from timm_drloc.errors import ExitCode
 
 MEAN = (0.25, 0.5, 0.75)
@@ -162,7 +162,7 @@ def test_model_card_has_timm_front_matter_drloc_recipe_results_and_citation(run,
 def test_best_checkpoint_card_reports_its_own_epoch_when_it_is_not_the_last(tmp_path):
     rows = [{'epoch': '0', 'eval_top1': '70.0', 'eval_top5': '99.0'},
             {'epoch': '1', 'eval_top1': '60.0', 'eval_top5': '98.0'}]
-    recipe = hub.training_recipe({'epochs': 2}, rows, epoch=0)
+    recipe = card.training_recipe({'epochs': 2}, rows, epoch=0)
 
     assert recipe['Top-1 (final epoch 1)'] == '60.00 %'
     assert recipe['Top-1 (exported checkpoint, epoch 0)'] == '70.00 %'
@@ -477,8 +477,8 @@ def test_card_states_the_lambda_reached_when_the_warmup_outlasts_the_run():
     args = {'epochs': 4, 'drloc_lambda': 0.5, 'drloc_warmup_epochs': 10, 'drloc_decay': False}
     rows = [{'epoch': str(e), 'drloc_lambda': str(0.5 * e / 10)} for e in range(4)]  # 0 .. 0.15
 
-    recipe = hub.training_recipe(args, rows)
+    recipe = card.training_recipe(args, rows)
     assert recipe['DRLoc lambda'] == 0.5
     assert recipe['DRLoc lambda reached'] == '0.15 (the warm-up never reached 0.5)'
     reached_rows = [{'epoch': str(e), 'drloc_lambda': '0.5'} for e in range(4)]
-    assert 'DRLoc lambda reached' not in hub.training_recipe(args, reached_rows)
+    assert 'DRLoc lambda reached' not in card.training_recipe(args, reached_rows)

@@ -1,4 +1,4 @@
-"""Training checkpoints, read safely, and the timm model a run's arguments describe.
+"""Training checkpoints, read safely, and the timm model a run's arguments (and a checkpoint's weights) describe.
 
 Both the training script (--resume, --initial-checkpoint) and the Hub export read checkpoints here: with timm's
 own readers (`load_checkpoint_metadata`, `load_state_dict`), which load with `weights_only=True`, so a pickle
@@ -8,11 +8,13 @@ asking torch which globals the pickle references, not by reading an error's text
 """
 import argparse
 import os
-from typing import Any, Dict, List, Optional, Union
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
+import torch.nn as nn
 from timm.models import (
-    get_pretrained_cfg_value, is_model, load_state_dict, parse_model_name, resolve_model_input_args,
+    create_model, get_pretrained_cfg_value, is_model, load_state_dict, parse_model_name, resolve_model_input_args,
     split_model_name_tag)
 from timm.utils import load_checkpoint_metadata
 
@@ -155,3 +157,78 @@ def create_model_args(model_name: str, run_args: Dict[str, Any], **model_kwargs:
     except ValueError as e:  # the name is known: the input requests disagree with each other
         raise ConfigError(f'--model {model_name}: {e}; make --in-chans / --input-size / --img-size agree with '
                           f'--model-kwargs') from e
+
+
+def checkpoint_model(
+        path: Path,
+        model_name: Optional[str],
+        num_classes: Optional[int],
+        model_kwargs: Optional[Dict[str, Any]],
+        use_ema: bool,
+) -> Tuple[nn.Module, Dict[str, Any], Dict[str, Any]]:
+    """The timm model a training checkpoint holds, built as the run built it (its saved --model, --num-classes,
+    --model-kwargs and input size, unless given here) with the backbone weights loaded (the EMA's with `use_ema`).
+
+    Returns:
+        (the model in eval mode, the run's saved args, the checkpoint's entries).
+
+    Raises:
+        FileNotFoundError: no such file. CheckpointError: an unreadable file. ValueError: a model that the
+        weights do not fit, or that cannot be built with the run's arguments.
+    """
+    if not path.is_file():
+        raise FileNotFoundError(f"Checkpoint '{path}' does not exist (or is not a file). Pass the path of a "
+                                f"checkpoint written by training, e.g. output/train/<run>/model_best.pth.tar.")
+    checkpoint = read_checkpoint(path)
+    args = saved_args(checkpoint)
+    state_dict = backbone_state_dict(path, checkpoint, use_ema)
+    model_name = model_name or args.get('model') or checkpoint.get('arch')
+    if not model_name or not isinstance(model_name, str):
+        raise ValueError(f"Checkpoint '{path}' does not record its model: pass the timm architecture with "
+                         f"--model NAME (model_name=...).")
+    if num_classes is None:
+        num_classes = args.get('num_classes') or classifier_size(model_name, state_dict)
+    kwargs = dict(args.get('model_kwargs') or {}, **(model_kwargs or {}))
+    create_args = create_model_args(model_name, args, num_classes=num_classes, global_pool=args.get('gp'), **kwargs)
+    return _load_weights(create_args, kwargs, state_dict, path), args, checkpoint
+
+
+def _load_weights(create_args: Dict[str, Any], requested: Dict[str, Any], state_dict: Dict[str, Any],
+                  source: Path) -> nn.Module:
+    """The model of `create_args` with `state_dict` loaded (strict), in eval mode.
+
+    timm's resolution gives a fixed-size model (ViT, Swin) the run's input size as `img_size`. A model the run
+    built at its default size and ran at another (dynamic_img_size) saved weights of its default size: when
+    they do not fit, the model is built again without the added img_size.
+    """
+    candidates = [create_args]
+    if 'img_size' in create_args and 'img_size' not in requested:
+        candidates.append({k: v for k, v in create_args.items() if k != 'img_size'})
+    errors = []
+    for candidate in candidates:
+        model = _create(candidate, source)
+        try:
+            model.load_state_dict(state_dict, strict=True)
+            return model.eval()
+        except RuntimeError as e:
+            errors.append(e)
+    first_lines = '\n'.join(str(errors[0]).splitlines()[:4])
+    raise ValueError(f"The weights in '{source}' do not fit {create_args['model_name']} built with "
+                     f"{_shown_kwargs(create_args)}: "
+                     f"{first_lines}\nPass the --model, --num-classes and --model-kwargs (model_name, num_classes, "
+                     f"model_kwargs) the run was trained with.")
+
+
+def _create(create_args: Dict[str, Any], source: Path) -> nn.Module:
+    """timm.create_model, with arguments the architecture does not take as a ValueError naming the flags."""
+    try:
+        return create_model(**create_args)
+    except TypeError as e:
+        raise ValueError(f"timm.create_model('{create_args['model_name']}', **{_shown_kwargs(create_args)}) failed: "
+                         f"{e}. Pass the --model and --model-kwargs (model_name, model_kwargs) the run in '{source}' "
+                         f"was trained with.") from e
+
+
+def _shown_kwargs(create_args: Dict[str, Any]) -> Dict[str, Any]:
+    """The model arguments worth showing in a message (the name and the resolved pretrained config left out)."""
+    return {k: v for k, v in create_args.items() if k not in ('model_name', 'pretrained_cfg')}

@@ -95,6 +95,10 @@ class UnsafeCheckpointError(CheckpointError):
     so it is not loaded."""
 
 
+class SummaryError(ValueError):
+    """A folder without a readable summary.csv (none yet, or a binary / damaged file)."""
+
+
 class UnreadableImagesError(ConfigError):
     """Images in a row could not be read: the data has a damaged stretch.
 

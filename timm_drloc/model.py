@@ -9,6 +9,7 @@ from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
+from timm.utils.model import unwrap_model
 
 from .grids import LAYOUTS, GridReader, GridSource, Route, default_input_size, probe_grids, to_grid
 from .head import DRLocHead, check_head_memory
@@ -156,7 +157,7 @@ def wrap(
         >>> logits, drloc_loss = drloc(images)
         >>> loss = F.cross_entropy(logits, labels) + 0.5 * drloc_loss
     """
-    if isinstance(unwrap_once(model), DRLocModel) or isinstance(model, DRLocModel):
+    if isinstance(unwrap_model(model), DRLocModel):
         raise ValueError("This model is already wrapped by timm_drloc.wrap(); wrap the plain model once "
                          "(timm_drloc.unwrap(m) gives it back).")
     check_settings(mode=mode, num_samples=num_samples, hidden_dim=hidden_dim, normalize=normalize,
@@ -179,19 +180,11 @@ def wrap(
     return DRLocModel(model, sources, heads)
 
 
-def unwrap_once(m: nn.Module) -> nn.Module:
-    """Strip one DDP / DataParallel / torch.compile wrapper, if any."""
-    if hasattr(m, '_orig_mod'):
-        return m._orig_mod
-    if isinstance(m, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-        return m.module
-    return m
-
-
 def unwrap(m: nn.Module) -> nn.Module:
-    """The original model inside DRLocModel, DDP, DataParallel and torch.compile wrappers, in any nesting."""
+    """The original model inside DRLocModel and the EMA, DDP and torch.compile wrappers timm's unwrap_model strips,
+    in any nesting."""
     while True:
-        inner = unwrap_once(m)
+        inner = unwrap_model(m)
         if isinstance(inner, DRLocModel):
             inner = inner.model
         if inner is m:

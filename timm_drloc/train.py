@@ -59,6 +59,7 @@ from timm_drloc.errors import (
     CheckpointError, ConfigError, ExitCode, GridError, GridTooSmallError, NonFiniteLossError, ProbeError, SingleScaleError)
 from timm_drloc.head import HeadTooLargeError, check_head_memory, memory_text
 from timm_drloc.hub import add_push_args, check_push_args, push_after_training
+from timm_drloc.summary import SUMMARY_FILE, append_summary
 from timm_drloc.settings import add_drloc_args, check_drloc_args, drloc_kwargs, drloc_lambda_for_epoch, ignored_drloc_flags
 
 try:
@@ -789,52 +790,6 @@ def _resume_checkpoint(
             _logger.info(f'--resume {path} was written inside epoch {epoch}: running epoch {epoch} again from its '
                          f'start, with the weights of the recovery checkpoint')
     return epoch, True
-
-
-def _trim_summary(path: str, start_epoch: int) -> None:
-    """Drop summary rows of epochs >= start_epoch (they will be run again), so each epoch appears once."""
-    if not os.path.exists(path):
-        return
-    with open(path, newline='') as f:
-        rows = list(csv.DictReader(f))
-    fields = list(rows[0].keys()) if rows else []
-    kept = [r for r in rows if r.get('epoch', '').isdigit() and int(r['epoch']) < start_epoch]
-    if len(kept) == len(rows):
-        return
-    with open(path, 'w', newline='') as f:
-        if kept:
-            writer = csv.DictWriter(f, fieldnames=fields)
-            writer.writeheader()
-            writer.writerows(kept)
-
-
-def write_summary(
-        path: str,
-        epoch: int,
-        train_metrics: Dict[str, float],
-        eval_metrics: Optional[Dict[str, float]],
-        lr: float,
-        extra: Optional[Dict[str, float]] = None,
-        log_wandb: bool = False,
-) -> None:
-    """Append one epoch to summary.csv: timm's columns (epoch, train_*, eval_*, lr) then `extra` (drloc_lambda).
-
-    timm's update_summary prefixes every train metric with `train_`; the DRLoc weight is a setting of the
-    epoch, not a train metric, so it gets its own column.
-    """
-    row = OrderedDict(epoch=epoch)
-    row.update(('train_' + k, v) for k, v in train_metrics.items())
-    row.update(('eval_' + k, v) for k, v in (eval_metrics or {}).items())
-    row['lr'] = lr
-    row.update(extra or {})
-    if log_wandb:
-        wandb.log(row)
-    new_file = not os.path.exists(path) or os.path.getsize(path) == 0
-    with open(path, 'a', newline='') as f:
-        writer = csv.DictWriter(f, fieldnames=list(row.keys()))
-        if new_file:
-            writer.writeheader()
-        writer.writerow(row)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -1887,7 +1842,7 @@ def _setup_output(
     summary_path = os.path.join(output_dir, 'summary.csv')
     if in_place:  # same folder: keep the ranked history and best metric, and the summary rows already done
         saver.load_state_dict_from_checkpoint(resume_path)
-        _trim_summary(summary_path, start_epoch)
+        utils.trim_summary(summary_path, start_epoch)
     with open(os.path.join(output_dir, 'args.yaml'), 'w') as f:
         f.write(args_text)
     if args.log_wandb:
@@ -1988,10 +1943,9 @@ def _train_epochs(
 
             if output_dir is not None:
                 lrs = [group['lr'] for group in optimizer.param_groups]
-                write_summary(os.path.join(output_dir, 'summary.csv'), epoch, train_metrics, eval_metrics,
-                              lr=sum(lrs) / len(lrs),
-                              extra={'drloc_lambda': task.drloc_lambda} if drloc_on else None,
-                              log_wandb=args.log_wandb and has_wandb)
+                append_summary(os.path.join(output_dir, SUMMARY_FILE), epoch, train_metrics, eval_metrics,
+                               lr=sum(lrs) / len(lrs), drloc_lambda=task.drloc_lambda if drloc_on else None,
+                               log_wandb=args.log_wandb and has_wandb)
             latest_metric = (eval_metrics or train_metrics)[eval_metric]
             if saver is not None:
                 saver.save_checkpoint(epoch, metric=latest_metric)
