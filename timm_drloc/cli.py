@@ -34,13 +34,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"timm-drloc: unknown command '{name}'.\n\n{usage()}", file=sys.stderr)
         return ExitCode.BAD_INPUT
     module_name, func_name, _ = COMMANDS[name]
-    func = getattr(importlib.import_module(module_name), func_name)
-    if name == 'train':
-        sys.argv = ['timm-drloc train', *rest]  # train.py-style main() reads sys.argv
-        result = func()
-    else:
-        result = func(rest)
-    return int(result or 0)
+    return int(getattr(importlib.import_module(module_name), func_name)(rest) or ExitCode.OK)
 
 
 if __name__ == '__main__':

@@ -36,6 +36,9 @@ class Route(str, Enum):
     HOOKS = 'hooks'  # forward hooks on the grid modules while the model's own forward() runs
     INTERMEDIATES = 'intermediates'  # timm's forward_intermediates(), then forward_head() for the logits
 
+    def __str__(self) -> str:
+        return self.value
+
 
 @dataclass
 class GridSource:

@@ -13,20 +13,18 @@ An export is a folder that plain timm loads, with no timm_drloc import:
 What is timm's here, and why the rest is not:
 * timm's: the folder's files (`save_for_hf`), the card's text (`generate_readme`, see card.py), reading the
   checkpoint and rebuilding its model (`load_checkpoint_metadata`, `load_state_dict`, `resolve_model_input_args`,
-  see checkpoint.py), the wrappers stripped (`unwrap_model`), the process that pushes (`is_primary`).
+  see checkpoint.py), the wrappers stripped (`unwrap_model`).
 * `export` starts from a training checkpoint, which timm's exporters do not take, leaves the DRLoc heads out,
   and writes the run's recipe and results into the card.
 * `push_to_hub` uploads a folder `export` wrote, not timm's `push_to_hf_hub`: that one writes into a temporary
   folder (a failed upload loses the export; here it is kept for a later `hf upload`), uploads a pickled copy
   of the weights beside the safetensors by default, and keeps a README already on the Hub (the card would not
   show the new run).
-* `check_push_args` checks the token before training starts; timm's script finds a missing token at the
-  upload, after the training.
+* `require_token` checks the token before any work (training, an export); timm's script finds a missing token
+  at the upload, after the training. The token is read by huggingface_hub from HF_TOKEN or the `hf auth login`
+  file; it is never passed through args, printed, or written anywhere.
 
-The Hub token is read by huggingface_hub from HF_TOKEN or the `hf auth login` file; it is never passed
-through args, printed, or written anywhere. A training script adds the flags with `add_push_args(parser)`,
-calls `check_push_args(args)` before training (no token -> it refuses to start) and
-`push_after_training(args, output_dir, ...)` at the end.
+Training runs publish with `--push-to-hub` (timm_drloc.train.publish); `timm-drloc export` is `export_main`.
 """
 import argparse
 import logging
@@ -38,18 +36,16 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch.nn as nn
-from timm.utils import is_primary
 
 from .card import model_card, training_recipe
 from .checkpoint import checkpoint_model
-from .errors import ExitCode, SummaryError
+from .errors import ConfigError, ExitCode, SummaryError
 from .summary import SUMMARY_FILE, read_summary
 
 _logger = logging.getLogger(__name__)
 
-HUB_MODEL_CHOICES = ('best', 'last', 'ema')
 EXPORT_FILES = ('config.json', 'model.safetensors', 'README.md')
-DEFAULT_EXPORT_DIR = 'hub_export'
+DEFAULT_EXPORT_DIR = 'hub_export'  # the export folder --push-to-hub writes in the experiment folder
 DATA_CONFIG_KEYS = ('input_size', 'img_size', 'mean', 'std', 'crop_pct', 'crop_mode', 'interpolation',
                     'test_input_size', 'test_crop_pct')  # what config.json records of the preprocessing
 
@@ -240,56 +236,15 @@ def push_to_hub(
 
 
 # ---------------------------------------------------------------------------------------------------------
-# training-script integration
-
-def add_push_args(parser: Union[argparse.ArgumentParser, Any]) -> None:
-    """Add `--push-to-hub REPO_ID`, `--hub-private` and `--hub-model {best,last,ema}` to a parser or group.
-
-    There is deliberately no token flag: the token stays where huggingface_hub keeps it, out of args.yaml.
-    """
-    parser.add_argument('--push-to-hub', default=None, metavar='REPO_ID',
-                        help='at the end of training, export the model to timm\'s Hub format and upload it to this '
-                             'Hub repo (token: HF_TOKEN or `hf auth login`; checked before training starts)')
-    parser.add_argument('--hub-private', action='store_true', default=False,
-                        help='create the --push-to-hub repo private')
-    parser.add_argument('--hub-model', default='best', choices=HUB_MODEL_CHOICES,
-                        help='which weights --push-to-hub uploads: model_best, last, or the EMA weights of last '
-                             '(default: best)')
-
-
-def check_push_args(args: argparse.Namespace) -> None:
-    """Check `--push-to-hub` settings before training starts, so a run does not fail after hours.
-
-    Reads `args.push_to_hub` (repo id or None/''), `args.hub_model` ('best' | 'last' | 'ema', default
-    'best') and `args.model_ema` (needed for 'ema'). Does nothing when `push_to_hub` is empty. The token
-    is looked up (HF_TOKEN, `hf auth login`) but not kept, printed or stored in `args`.
-
-    Raises:
-        ValueError: bad repo id, bad `hub_model`, 'ema' without `model_ema`, or no Hub token available.
-    """
-    repo_id = getattr(args, 'push_to_hub', None)
-    if not repo_id:
-        return
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-    try:
-        validate_repo_id(repo_id)
-    except HFValidationError as e:
-        raise ValueError(f"--push-to-hub '{repo_id}' is not a Hub repo id ({e}). Use 'user/name'.") from e
-    hub_model = getattr(args, 'hub_model', None) or 'best'
-    if hub_model not in HUB_MODEL_CHOICES:
-        raise ValueError(f"--hub-model '{hub_model}' is not one of {', '.join(HUB_MODEL_CHOICES)}.")
-    if hub_model == 'ema' and not getattr(args, 'model_ema', False):
-        raise ValueError("--hub-model ema needs EMA weights: add --model-ema, or use --hub-model best/last.")
-    require_token(repo_id, 'Training was not started.')
-
+# the token
 
 def require_token(repo_id: str, consequence: str = '') -> None:
-    """Raise a ValueError when huggingface_hub finds no token (HF_TOKEN, `hf auth login`) or the Hub rejects it
+    """Raise a ConfigError when huggingface_hub finds no token (HF_TOKEN, `hf auth login`) or the Hub rejects it
     (checked with whoami); warn when it cannot be checked (no network). The token is not kept or shown."""
     from huggingface_hub import HfApi, get_token
     from huggingface_hub.errors import HfHubHTTPError
     if not get_token():
-        raise ValueError(
+        raise ConfigError(
             f"--push-to-hub {repo_id} needs a Hugging Face token and none was found. Set the HF_TOKEN "
             f"environment variable or run `hf auth login` (huggingface-cli login) first, or drop --push-to-hub "
             f"and upload later. {consequence}".rstrip())
@@ -297,7 +252,7 @@ def require_token(repo_id: str, consequence: str = '') -> None:
         HfApi().whoami()
     except HfHubHTTPError as e:
         if getattr(e.response, 'status_code', None) == 401:
-            raise ValueError(
+            raise ConfigError(
                 f"--push-to-hub {repo_id}: the Hub rejects the Hugging Face token (401 Unauthorized: invalid or "
                 f"expired). Set a valid HF_TOKEN (it wins over `hf auth login`) or log in again with "
                 f"`hf auth login --force`. {consequence}".rstrip()) from None
@@ -310,69 +265,6 @@ def _token_unverified(repo_id: str, error: Exception) -> None:
     _logger.warning(f"--push-to-hub {repo_id}: the Hugging Face token could not be verified now "
                     f"({type(error).__name__}: the Hub did not answer); going on, but the upload at the end may "
                     f"fail (the export would then be kept for a later upload).")
-
-
-def hub_checkpoint(output_dir: Union[str, Path], hub_model: str = 'best') -> Path:
-    """The checkpoint `--hub-model` names in an experiment folder: model_best.pth.tar for 'best' (last.pth.tar
-    when the run saved no best), last.pth.tar for 'last' and 'ema' (whose EMA weights are exported)."""
-    output_dir = Path(output_dir)
-    best, last = output_dir / 'model_best.pth.tar', output_dir / 'last.pth.tar'
-    if hub_model == 'best' and best.is_file():
-        return best
-    return last
-
-
-def push_after_training(
-        args: argparse.Namespace,
-        output_dir: Union[str, Path],
-        checkpoint_path: Optional[Union[str, Path]] = None,
-        data_config: Optional[Dict[str, Any]] = None,
-        class_names: Optional[Sequence[str]] = None,
-) -> int:
-    """At the end of training (all ranks may call; only rank 0 works): export, then upload.
-
-    Reads from `args`: `push_to_hub` (repo id; nothing happens when empty), `hub_private`, `hub_model`
-    ('best' | 'last' | 'ema'), and, through the checkpoint's saved args, `model`, `num_classes`,
-    `model_kwargs`, `img_size` / `input_size`, `dataset`, `epochs` and the `drloc_*` settings for the card.
-    `rank` decides the primary process (timm's `is_primary`).
-
-    Args:
-        args: the training arguments.
-        output_dir: the experiment folder (summary.csv, last.pth.tar, model_best.pth.tar).
-        checkpoint_path: the checkpoint to export; default: picked by `args.hub_model` (see hub_checkpoint).
-        data_config: the training preprocessing (timm's resolved data_config); default: from the checkpoint.
-        class_names: class names in index order (e.g. the train dataset's classes), for config.json.
-
-    Returns:
-        ExitCode.OK on success (or nothing to do), EXPORT_FAILED or UPLOAD_FAILED. The
-        checkpoints are only read; on failure the export folder, when written, is kept and logged.
-    """
-    repo_id = getattr(args, 'push_to_hub', None)
-    if not repo_id or not is_primary(args):
-        return ExitCode.OK
-    hub_model = getattr(args, 'hub_model', None) or 'best'
-    output_dir = Path(output_dir)
-    checkpoint = Path(checkpoint_path) if checkpoint_path else hub_checkpoint(output_dir, hub_model)
-    if hub_model == 'best' and checkpoint.name == 'last.pth.tar':
-        _logger.info(f"No model_best.pth.tar in '{output_dir}' (no eval metric): uploading last.pth.tar.")
-    folder = output_dir / DEFAULT_EXPORT_DIR
-    try:
-        export(checkpoint, folder, data_config=data_config, label_names=class_names, overwrite=True,
-               use_ema=hub_model == 'ema', repo_id=repo_id)
-    except Exception as e:
-        _logger.error(f"Export of '{checkpoint}' for the Hub failed: {e}. The checkpoints are unchanged; "
-                      f"export them later with `timm-drloc export {checkpoint} OUT_DIR --push-to-hub {repo_id}`.")
-        return ExitCode.EXPORT_FAILED
-    try:
-        url = push_to_hub(folder, repo_id, private=bool(getattr(args, 'hub_private', False)))
-    except Exception as e:
-        _logger.error(
-            f"Upload to the Hub repo '{repo_id}' failed ({type(e).__name__}: {e}). The export is kept in "
-            f"'{folder}' and the checkpoints are unchanged; upload it later with "
-            f"`hf upload {repo_id} {folder}` or timm_drloc.push_to_hub('{folder}', '{repo_id}').")
-        return ExitCode.UPLOAD_FAILED
-    _logger.info(f"Uploaded the {hub_model} model to {url} (export kept in '{folder}').")
-    return ExitCode.OK
 
 
 # ---------------------------------------------------------------------------------------------------------
