@@ -34,7 +34,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"timm-drloc: unknown command '{name}'.\n\n{usage()}", file=sys.stderr)
         return ExitCode.BAD_INPUT
     module_name, func_name, _ = COMMANDS[name]
-    return int(getattr(importlib.import_module(module_name), func_name)(rest) or ExitCode.OK)
+    func = getattr(importlib.import_module(module_name), func_name)
+    result = func(rest, prog=f'timm-drloc {name}') if name == 'train' else func(rest)  # the others name themselves
+    return int(result or ExitCode.OK)
 
 
 if __name__ == '__main__':

@@ -54,13 +54,13 @@ config_parser = build_config_parser()
 parser = build_parser()
 
 
-def _parse_args(argv: Optional[Sequence[str]] = None) -> Tuple[argparse.Namespace, str]:
+def _parse_args(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> Tuple[argparse.Namespace, str]:
     """Flags from the command line (`argv`, default sys.argv[1:]) over a -c/--config YAML file over the defaults,
     checked and completed (check_flags); also returns them as YAML, for args.yaml. A bad flag or config value
-    exits with status 2 and argparse's usage, as argparse's own errors do."""
+    exits with status 2 and argparse's usage (of `prog`), as argparse's own errors do."""
     argv = sys.argv[1:] if argv is None else list(argv)
     config_args, remaining = build_config_parser().parse_known_args(argv)
-    flags = build_parser()
+    flags = build_parser(prog)
     try:
         if config_args.config:
             flags.set_defaults(**load_config(flags, config_args.config))
@@ -71,9 +71,9 @@ def _parse_args(argv: Optional[Sequence[str]] = None) -> Tuple[argparse.Namespac
     return args, yaml.safe_dump(vars(args), default_flow_style=False)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Train with the flags in `argv` (default sys.argv[1:]): check the input, build model, task, data, optimizer
-    and schedule, then train and evaluate each epoch.
+def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> int:
+    """Train with the flags in `argv` (default sys.argv[1:]; `prog` names the command in usage messages): check the
+    input, build model, task, data, optimizer and schedule, then train and evaluate each epoch.
 
     Returns:
         ExitCode.OK, or the status of a failed `--push-to-hub` export or upload.
@@ -83,7 +83,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         disk, damaged images, during it). NonFiniteLossError: a NaN / Inf loss or weight. KeyboardInterrupt.
     """
     utils.setup_default_logging()
-    args, args_text = _parse_args(argv)
+    args, args_text = _parse_args(argv, prog)
     split_dirs = check_inputs(args)
     args.prefetcher = not args.no_prefetcher
     args.grad_accum_steps = max(1, args.grad_accum_steps)
@@ -214,11 +214,11 @@ def _finish(training: TrainingRun, results: List[Dict[str, Any]], data_config: D
     return push_after_training(args, training.output_dir, data_config=data_config, class_names=class_names)
 
 
-def run(argv: Optional[Sequence[str]] = None) -> None:
-    """Console entry: main(argv), with input errors, non-finite losses, interrupts and failed Hub pushes reported
-    as one line and the ExitCode of each as the exit status."""
+def run(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> None:
+    """Console entry: main(argv, prog), with input errors, non-finite losses, interrupts and failed Hub pushes
+    reported as one line and the ExitCode of each as the exit status."""
     try:
-        status = main(argv)
+        status = main(argv, prog)
     except ConfigError as e:
         _logger.error(f'error: {e}')
         sys.exit(ExitCode.BAD_INPUT)

@@ -12,7 +12,7 @@ import argparse
 import logging
 import os
 import reprlib
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import yaml
 from timm import utils
@@ -37,9 +37,11 @@ def build_config_parser() -> argparse.ArgumentParser:
     return config_parser
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """All flags of train_drloc.py: timm's train.py flags by group, then the DRLoc and Hub flags."""
-    parser = argparse.ArgumentParser(description='timm image classification training with the DRLoc auxiliary loss')
+def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
+    """All flags of train_drloc.py: timm's train.py flags by group, then the DRLoc and Hub flags. `prog` names the
+    command in the usage line (default: the script's name)."""
+    parser = argparse.ArgumentParser(
+        prog=prog, description='timm image classification training with the DRLoc auxiliary loss')
     parser.add_argument('data', nargs='?', metavar='DIR', const=None,
                         help='dataset root (positional form kept for old commands; prefer --data-dir)')
 

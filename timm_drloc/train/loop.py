@@ -277,12 +277,25 @@ class EpochProgress:
             self.bar.close()
 
 
-class _Meters:
-    """The running means of an epoch (this rank's): loss, DRLoc loss, update and data times."""
+class _Epoch:
+    """One epoch's bookkeeping: its length in batches and updates, this rank's running means (loss, DRLoc loss,
+    update and data times), the images since the last update (all ranks), and the progress display."""
 
-    def __init__(self):
+    def __init__(self, run: 'TrainingRun', epoch: int):
+        self.epoch = epoch
+        self.num_batches, self.accum = len(run.loaders.train), run.args.grad_accum_steps
+        self.num_updates = (self.num_batches + self.accum - 1) // self.accum
+        self.short_update = self.num_batches % self.accum  # batches of the last update when it is short, else 0
         self.loss, self.drloc = utils.AverageMeter(), utils.AverageMeter()
         self.update_time, self.data_time = utils.AverageMeter(), utils.AverageMeter()
+        self.samples = 0
+        self.progress = EpochProgress(epoch, self.num_updates, run.args.log_interval, utils.is_primary(run.args))
+
+    def steps_in_update(self, batch_idx: int) -> int:
+        """Batches the update of `batch_idx` accumulates (fewer in a short last update)."""
+        if self.short_update and batch_idx >= self.num_batches - self.short_update:
+            return self.short_update
+        return self.accum
 
 
 def train_one_epoch(run: TrainingRun, epoch: int) -> 'OrderedDict[str, float]':
@@ -291,32 +304,26 @@ def train_one_epoch(run: TrainingRun, epoch: int) -> 'OrderedDict[str, float]':
     A NaN / Inf loss stops the run or skips its step (run.nonfinite, whose streak runs across epochs);
     run.position.step follows the batch being trained on (for the line a Ctrl-C ends the run with).
     """
-    args, task, optimizer, loader = run.args, run.task, run.optimizer, run.loaders.train
+    args, task, optimizer = run.args, run.task, run.optimizer
     run.nonfinite.skipped = 0
     _mixup_off(run, epoch)
     second_order = getattr(optimizer, 'is_second_order', False)
     trainable = task.get_trainable_module()
     defer_sync = args.distributed and hasattr(trainable, 'no_sync')
-    meters = _Meters()
     trainable.train()
-
-    num_batches, accum = len(loader), args.grad_accum_steps
-    updates_per_epoch = (num_batches + accum - 1) // accum
-    short_update = num_batches % accum  # batches in the epoch's last update when it is a short one, else 0
-    num_updates = epoch * updates_per_epoch
-    progress = EpochProgress(epoch, updates_per_epoch, args.log_interval, utils.is_primary(args))
+    ep = _Epoch(run, epoch)
+    num_updates = epoch * ep.num_updates
     data_start = update_start = time.time()
     optimizer.zero_grad()
-    samples = 0  # images since the last update, all ranks
     skip_update = False  # a step of this update had a non-finite loss: the update is skipped
-    for batch_idx, (input, target) in enumerate(loader):
+    for batch_idx, (input, target) in enumerate(run.loaders.train):
         run.position.step = batch_idx
-        last_batch = batch_idx == num_batches - 1
-        need_update = last_batch or (batch_idx + 1) % accum == 0
-        update_idx = batch_idx // accum
-        steps_in_update = short_update if short_update and batch_idx >= num_batches - short_update else accum
+        last_batch = batch_idx == ep.num_batches - 1
+        need_update = last_batch or (batch_idx + 1) % ep.accum == 0
+        update_idx = batch_idx // ep.accum
+        steps_in_update = ep.steps_in_update(batch_idx)
         input, target = _prepared_batch(run, input, target, run.loaders.mixup_fn)
-        meters.data_time.update(steps_in_update * (time.time() - data_start))
+        ep.data_time.update(steps_in_update * (time.time() - data_start))
         batch_size = input['patches'].shape[0] if run.loaders.naflex else input.shape[0]
         scale = _batch_loss_scale(run, batch_size)
 
@@ -330,10 +337,10 @@ def train_one_epoch(run: TrainingRun, epoch: int) -> 'OrderedDict[str, float]':
         if values is None:
             skip_update = True
         else:
-            meters.loss.update(values[0], batch_size)
+            ep.loss.update(values[0], batch_size)
             if values[1] is not None:
-                meters.drloc.update(values[1], batch_size)
-        samples += batch_size * args.world_size if args.distributed else batch_size
+                ep.drloc.update(values[1], batch_size)
+        ep.samples += batch_size * args.world_size if args.distributed else batch_size
         if not need_update:
             data_start = time.time()
             continue
@@ -345,27 +352,27 @@ def train_one_epoch(run: TrainingRun, epoch: int) -> 'OrderedDict[str, float]':
         if args.synchronize_step and run.device.type in ('cuda', 'npu'):
             getattr(torch, run.device.type).synchronize()
         now = time.time()
-        meters.update_time.update(now - update_start)
+        ep.update_time.update(now - update_start)
         update_start = now
-        _log_update(run, epoch, batch_idx, update_idx, updates_per_epoch, last_batch, meters, progress, samples,
-                    input)
+        _log_update(run, ep, batch_idx, update_idx, last_batch, input)
         if args.recovery_interval and (update_idx + 1) % args.recovery_interval == 0:
             _weights_finite_or_stop(trainable, epoch, f'before the recovery checkpoint of step {update_idx}')
             if run.saver is not None:
                 run.saver.save_recovery(epoch, batch_idx=update_idx)
         if run.lr_scheduler is not None:
-            run.lr_scheduler.step_update(num_updates=num_updates, metric=meters.loss.avg)
-        samples = 0
+            run.lr_scheduler.step_update(num_updates=num_updates, metric=ep.loss.avg)
+        ep.samples = 0
         data_start = time.time()
 
-    progress.close()
+    ep.progress.close()
     if run.nonfinite.skipped and utils.is_primary(args):
-        _logger.warning(f'Epoch {epoch}: {run.nonfinite.skipped} of {num_batches} steps skipped for a non-finite loss')
+        _logger.warning(f'Epoch {epoch}: {run.nonfinite.skipped} of {ep.num_batches} steps skipped for a non-finite '
+                        f'loss')
     if hasattr(optimizer, 'sync_lookahead'):
         optimizer.sync_lookahead()
-    metrics = OrderedDict(loss=meters.loss.avg if meters.loss.count else math.nan)  # nan: every step was skipped
-    if meters.drloc.count or args.drloc_lambda > 0:
-        metrics['drloc_loss'] = meters.drloc.avg if meters.drloc.count else math.nan
+    metrics = OrderedDict(loss=ep.loss.avg if ep.loss.count else math.nan)  # nan: every step was skipped
+    if ep.drloc.count or args.drloc_lambda > 0:
+        metrics['drloc_loss'] = ep.drloc.avg if ep.drloc.count else math.nan
     if args.distributed:
         metrics = OrderedDict(zip(metrics.keys(), _mean_over_ranks(list(metrics.values()), args, run.device)))
     return metrics
@@ -433,26 +440,25 @@ def _batch_loss_scale(run: TrainingRun, batch_size: int) -> float:
     return scale
 
 
-def _log_update(run: TrainingRun, epoch: int, batch_idx: int, update_idx: int, updates_per_epoch: int,
-                last_batch: bool, meters: _Meters, progress: EpochProgress, samples: int, input) -> None:
+def _log_update(run: TrainingRun, ep: _Epoch, batch_idx: int, update_idx: int, last_batch: bool, input) -> None:
     """The progress bar or log line of an update (means over ranks), and --save-images."""
     args = run.args
     lr = _mean_lr(run.optimizer)
     log_step = update_idx % args.log_interval == 0 or last_batch
-    loss_now, loss_avg, drloc_now, drloc_avg = meters.loss.val, meters.loss.avg, meters.drloc.val, meters.drloc.avg
+    loss_now, loss_avg, drloc_now, drloc_avg = ep.loss.val, ep.loss.avg, ep.drloc.val, ep.drloc.avg
     if log_step and args.distributed:  # every rank keeps its own meters: log the mean over ranks
         loss_now, loss_avg, drloc_now, drloc_avg = _mean_over_ranks(
             [loss_now, loss_avg, drloc_now, drloc_avg], args, run.device)
-    rate = samples / max(meters.update_time.val, 1e-9)
+    rate = ep.samples / max(ep.update_time.val, 1e-9)
     values = OrderedDict(loss=loss_now, lr=lr, img_s=rate)
-    if meters.drloc.count:
+    if ep.drloc.count:
         values['drloc'] = drloc_now
-    progress.update(update_idx, last_batch, values, lambda: (
-        f'Train: {epoch} [{update_idx:>4d}/{updates_per_epoch} ({100. * (update_idx + 1) / updates_per_epoch:>3.0f}%)]  '
+    ep.progress.update(update_idx, last_batch, values, lambda: (
+        f'Train: {ep.epoch} [{update_idx:>4d}/{ep.num_updates} ({100. * (update_idx + 1) / ep.num_updates:>3.0f}%)]  '
         f'Loss: {loss_now:#.3g} ({loss_avg:#.3g})  '
-        + (f'DRLoc: {drloc_now:#.3g} ({drloc_avg:#.3g}) x {run.task.drloc_lambda:g}  ' if meters.drloc.count else '')
-        + f'Time: {meters.update_time.val:.3f}s, {rate:>7.2f}/s  LR: {lr:.3e}  '
-        f'Data: {meters.data_time.val:.3f} ({meters.data_time.avg:.3f})'))
+        + (f'DRLoc: {drloc_now:#.3g} ({drloc_avg:#.3g}) x {run.task.drloc_lambda:g}  ' if ep.drloc.count else '')
+        + f'Time: {ep.update_time.val:.3f}s, {rate:>7.2f}/s  LR: {lr:.3e}  '
+        f'Data: {ep.data_time.val:.3f} ({ep.data_time.avg:.3f})'))
     if log_step and args.save_images and run.output_dir and utils.is_primary(args) and not run.loaders.naflex:
         import torchvision.utils
         torchvision.utils.save_image(input, os.path.join(run.output_dir, f'train-batch-{batch_idx}.jpg'),
