@@ -16,6 +16,10 @@ the classifier pools. We capture them with forward hooks on the modules that pro
 A captured tensor can be laid out as NCHW (CNNs), NHWC (Swin and friends) or NLC tokens with N prefix
 tokens (class / distillation / register tokens of ViTs). The layout is detected once with a probe pass
 at wrap time (or given by the user) and every grid is turned into a (B, H, W, C) *view*, no copy.
+
+    sources = probe_grids(model, (3, 224, 224))      # where each grid is, how it is read, its layout
+    reader = GridReader(model, sources)             # hooks on the grid modules (or forward_intermediates)
+    logits, features = reader(model, x)             # one pass; to_grid(features[i], sources[i], x.shape[-2:])
 """
 import math
 from dataclasses import dataclass

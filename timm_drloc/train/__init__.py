@@ -9,9 +9,10 @@ optimizers, schedulers, EMA, AMP scaler, checkpoint saver, distributed helpers, 
     python train_drloc.py /data --model swin_tiny_patch4_window7_224 --drloc-lambda 0.5
     torchrun --nproc_per_node 2 train_drloc.py --data-dir /data --model vit_small_patch16_224 --drloc-lambda 0.1
 
-The package's names follow timm's train.py (`parser`, `config_parser`, `_parse_args`, `main`, `create_model`,
-`train_one_epoch`, `validate`), so sweeps and tests written for train.py run against it unchanged: main() builds
-the model with this package's `create_model`, looked up when it runs, so replacing `train.create_model` works.
+The package has the names of timm's train.py (`parser`, `config_parser`, `_parse_args(argv=None)`,
+`main(argv=None)`, `create_model`, `train_one_epoch`, `validate`), so sweeps and tests written for train.py run
+against it: main() builds the model with this package's `create_model`, looked up when it runs, so replacing
+`train.create_model` works, and parsing never changes the module-level `parser`.
 The parts: flags.py (the command line), checks.py (bad input, refused before anything is built), build.py (model,
 task, data), checkpoints.py (the run's folder, checkpoints, resume), loop.py (the epochs), publish.py
 (--push-to-hub).
