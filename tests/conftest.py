@@ -1,5 +1,5 @@
-"""Shared fixtures: small generated ImageFolder datasets (train/ and validation/ splits) in tmp dirs,
-restoring the training parser after a -c/--config run, and a Hub that no test reaches."""
+"""Shared fixtures: small generated ImageFolder datasets (train/ and validation/ splits) in tmp dirs, and a Hub
+that no test reaches."""
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -49,17 +49,6 @@ def image_folder_factory(tmp_path: Path) -> Callable[..., Path]:
 def image_folder(image_folder_factory) -> Path:
     """A 3-class, 32x32 ImageFolder tree with 8 images per class in train/ and validation/; returns its root."""
     return image_folder_factory()
-
-
-@pytest.fixture
-def restore_parser_defaults():
-    """-c/--config goes through parser.set_defaults(), which changes the module-level parser: undo it after."""
-    from timm_drloc import train
-    saved = dict(train.parser._defaults), [(a, a.default) for a in train.parser._actions]
-    yield
-    train.parser._defaults = saved[0]
-    for action, default in saved[1]:
-        action.default = default
 
 
 @pytest.fixture(autouse=True)

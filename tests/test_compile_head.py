@@ -11,6 +11,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 import timm_drloc.train as train
+from timm_drloc.train import build
 from timm_drloc import DRLocHead, DRLocTask
 
 
@@ -133,7 +134,7 @@ def test_drloc_compile_head_flag_builds_compiled_heads(monkeypatch):
     args = train._parse_args()[0]
     args.rank = 0  # main() sets it from the distributed set-up
     model = timm.create_model('vit_tiny_patch16_224', img_size=32, patch_size=8, depth=1, embed_dim=32, num_heads=2)
-    task = train._build_task(args, model, nn.CrossEntropyLoss(), (3, 32, 32), torch.device('cpu'), None)
+    task = build.build_task(args, model, nn.CrossEntropyLoss(), (3, 32, 32), torch.device('cpu'), None)
     assert [head.compiled for head in task.get_trainable_module().heads] == [True]
 
 

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from timm_drloc.demo import main as demo_main, write_digits
-from timm_drloc.plot import read_summary
+from timm_drloc.plot import read_experiment
 
 DIGITS = [str(d) for d in range(10)]
 
@@ -74,8 +74,8 @@ def test_demo_trains_baseline_and_drloc_and_writes_table_and_curves(tmp_path):
         float(rows[0]['drloc_final']) - float(rows[0]['baseline_final']))
     assert 'Paired delta' in (out / 'results.md').read_text()
     assert (out / 'curves.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
-    drloc = read_summary(str(out / 'runs' / 'seed0-drloc')).columns
-    baseline = read_summary(str(out / 'runs' / 'seed0-baseline')).columns
+    drloc = read_experiment(str(out / 'runs' / 'seed0-drloc')).columns
+    baseline = read_experiment(str(out / 'runs' / 'seed0-baseline')).columns
     assert drloc['drloc_lambda'] == [0.5]
     assert drloc['train_drloc_loss'][0] > 0
     assert baseline.get('drloc_lambda', [0.0]) == [0.0]

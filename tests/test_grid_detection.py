@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 from timm_drloc import DRLocHead, relative_targets, wrap
+from timm_drloc.errors import SettingError
 
 
 def grid_received(drloc, x):
@@ -143,7 +144,7 @@ def test_grid_of_a_container_module_comes_from_forward_intermediates():
     model = Intermediates()
     drloc = wrap(model, input_size=(3, 32, 32), hidden_dim=8)
     assert drloc.route == 'intermediates'
-    assert [(s.name, s.grid_size, s.layout) for s in drloc.sources] == [('intermediates.1', (8, 8), 'NCHW')]
+    assert [(s.name, s.feature_index, s.grid_size, s.layout) for s in drloc.sources] == [('stages', 1, (8, 8), 'NCHW')]
     x = torch.randn(2, 3, 32, 32)
     logits, loss = drloc(x)
     torch.testing.assert_close(logits, model(x), rtol=0, atol=0)
@@ -183,7 +184,7 @@ def test_multi_branch_module_without_the_feature_info_branch_is_read_through_for
     torch.manual_seed(0)
     model = Branches()
     drloc = wrap(model, input_size=(3, 32, 32), hidden_dim=8)
-    assert [(s.name, s.grid_size, s.num_chs) for s in drloc.sources] == [('intermediates.0', (8, 8), 6)]
+    assert [(s.name, s.feature_index, s.grid_size, s.num_chs) for s in drloc.sources] == [('split', 0, (8, 8), 6)]
     assert drloc.route == 'intermediates'
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(grid_received(drloc, x), model.conv(x).permute(0, 2, 3, 1), rtol=0, atol=0)
@@ -253,7 +254,7 @@ def test_unknown_dotted_layer_lists_the_modules_under_its_first_part():
 
 @pytest.mark.parametrize('kwargs,message', [
     (dict(layers=['stage'], multiscale=True),
-     'multiscale=True picks the stages itself; with layers=[...] name each grid module instead.'),
+     'multiscale picks the stages itself; with layers name each grid module instead'),
     (dict(layers=['stage'], layout='NWHC'), "Unknown layout 'NWHC'. Use one of NCHW, NHWC, NLC."),
     (dict(layers=['stage'], input_size=(32, 32)), 'input_size must be (C, H, W), got (32, 32).'),
 ])
@@ -274,8 +275,9 @@ def test_wrapping_twice_says_how_to_get_the_plain_model_back():
 def test_ce_with_normalized_targets_is_refused_with_the_alternatives():
     with pytest.raises(ValueError) as error:
         DRLocHead(8, (4, 4), mode='ce', normalize=True)
-    assert str(error.value) == ("normalize=True has no meaning with mode='ce': its targets are offset classes, not "
-                                "values. Use normalize=False, or mode='l1' / 'cbr'.")
+    assert isinstance(error.value, SettingError) and error.value.setting == 'normalize'
+    assert str(error.value) == ("normalize has no meaning with mode 'ce': its targets are offset classes, not "
+                                "values; drop normalize, or use mode 'l1' or 'cbr'")
 
 
 def test_training_forward_after_remove_hooks_says_what_to_do_instead():

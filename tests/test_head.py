@@ -154,11 +154,11 @@ def test_head_and_loss_compile_fullgraph(mode):
 
 
 @pytest.mark.parametrize('kwargs,message', [
-    (dict(mode='l2'), "Unknown DRLoc mode 'l2'. Use one of l1, ce, cbr"),
+    (dict(mode='l2'), "mode must be one of l1, ce, cbr, got 'l2'"),
     (dict(num_samples=0), 'num_samples must be an integer >= 1'),
     (dict(num_samples=-3), 'got -3'),
     (dict(hidden_dim=0), 'hidden_dim must be an integer >= 1'),
-    (dict(mode='ce', normalize=True), "normalize=True has no meaning with mode='ce'"),
+    (dict(mode='ce', normalize=True), "normalize has no meaning with mode 'ce'"),
     (dict(grid_size=(1, 1)), 'The feature grid is 1x1'),
 ])
 def test_bad_head_arguments_are_refused_with_the_value_and_fix(kwargs, message):

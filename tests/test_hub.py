@@ -22,7 +22,8 @@ import torch
 from timm.utils import CheckpointSaver, update_summary
 
 import timm_drloc
-from timm_drloc import hub
+from timm_drloc import card, hub
+from timm_drloc.train import publish
 from timm_drloc.errors import ExitCode
 
 pytestmark = pytest.mark.training_run  # trains: left out of the core modules' mutation run
@@ -165,7 +166,7 @@ def test_model_card_has_timm_front_matter_drloc_recipe_results_and_citation(run,
 def test_best_checkpoint_card_reports_its_own_epoch_when_it_is_not_the_last(tmp_path):
     rows = [{'epoch': '0', 'eval_top1': '70.0', 'eval_top5': '99.0'},
             {'epoch': '1', 'eval_top1': '60.0', 'eval_top5': '98.0'}]
-    recipe = hub.training_recipe({'epochs': 2}, rows, epoch=0)
+    recipe = card.training_recipe({'epochs': 2}, rows, epoch=0)
 
     assert recipe['Top-1 (final epoch 1)'] == '60.00 %'
     assert recipe['Top-1 (exported checkpoint, epoch 0)'] == '70.00 %'
@@ -259,7 +260,7 @@ def test_checkpoint_whose_pickle_would_run_code_is_refused_and_nothing_runs(run,
 def test_missing_checkpoint_and_unknown_model_name_the_value(run, tmp_path):
     with pytest.raises(FileNotFoundError, match='nope.pth.tar'):
         hub.export(tmp_path / 'nope.pth.tar', tmp_path / 'export')
-    with pytest.raises(ValueError, match="Unknown model 'not_a_model'"):
+    with pytest.raises(ValueError, match="unknown model 'not_a_model'"):
         hub.export(run.dir / 'last.pth.tar', tmp_path / 'export', model_name='not_a_model')
     with pytest.raises(ValueError, match=r"timm.create_model\('resnet18'.*unexpected keyword argument 'depth'"):
         hub.export(run.dir / 'last.pth.tar', tmp_path / 'export', model_name='resnet18')
@@ -338,22 +339,22 @@ def test_push_without_token_refuses_to_start_training(monkeypatch, tmp_path):
     no_token_anywhere(monkeypatch, tmp_path)
 
     with pytest.raises(ValueError, match=r'--push-to-hub someone/repo needs a Hugging Face token.*HF_TOKEN'):
-        hub.check_push_args(training_args(push_to_hub='someone/repo'))
+        publish.check_push_args(training_args(push_to_hub='someone/repo'))
 
 
 def test_push_args_checks_pass_with_token_and_catch_bad_settings(monkeypatch):
     monkeypatch.setenv('HF_TOKEN', 'hf_test_secret_value')
     args = training_args(push_to_hub='someone/repo')
-    hub.check_push_args(args)
-    hub.check_push_args(training_args(push_to_hub=None))  # no push: nothing to check
+    publish.check_push_args(args)
+    publish.check_push_args(training_args(push_to_hub=None))  # no push: nothing to check
 
     assert 'hf_test_secret_value' not in repr(vars(args))
     with pytest.raises(ValueError, match="--hub-model 'newest' is not one of best, last, ema"):
-        hub.check_push_args(training_args(push_to_hub='someone/repo', hub_model='newest'))
+        publish.check_push_args(training_args(push_to_hub='someone/repo', hub_model='newest'))
     with pytest.raises(ValueError, match='--hub-model ema needs EMA weights: add --model-ema'):
-        hub.check_push_args(training_args(push_to_hub='someone/repo', hub_model='ema', model_ema=False))
+        publish.check_push_args(training_args(push_to_hub='someone/repo', hub_model='ema', model_ema=False))
     with pytest.raises(ValueError, match="'some one/repo' is not a Hub repo id"):
-        hub.check_push_args(training_args(push_to_hub='some one/repo'))
+        publish.check_push_args(training_args(push_to_hub='some one/repo'))
 
 
 def test_push_after_training_uploads_best_model_and_keeps_no_token(run, tmp_path, monkeypatch, caplog):
@@ -366,7 +367,7 @@ def test_push_after_training_uploads_best_model_and_keeps_no_token(run, tmp_path
     args = training_args(push_to_hub='someone/drloc-vit', hub_private=True, hub_model='best')
 
     with caplog.at_level(logging.INFO):
-        code = hub.push_after_training(args, run_dir, data_config=None, class_names=CLASSES)
+        code = publish.push_after_training(args, run_dir, data_config=None, class_names=CLASSES)
 
     assert code == 0
     (_, create), (_, upload) = fake.calls
@@ -388,7 +389,7 @@ def test_upload_failure_keeps_export_and_checkpoints_and_returns_nonzero(run, tm
     args = training_args(push_to_hub='someone/drloc-vit', hub_model='last')
 
     with caplog.at_level(logging.ERROR):
-        code = hub.push_after_training(args, run_dir, data_config=None)
+        code = publish.push_after_training(args, run_dir, data_config=None)
 
     assert code == ExitCode.UPLOAD_FAILED == 4
     folder = run_dir / 'hub_export'
@@ -400,8 +401,8 @@ def test_upload_failure_keeps_export_and_checkpoints_and_returns_nonzero(run, tm
 def test_push_after_training_does_nothing_off_rank_zero_or_without_push(run, tmp_path, monkeypatch):
     fake = FakeHub().install(monkeypatch)
 
-    assert hub.push_after_training(training_args(push_to_hub='someone/repo', rank=1), tmp_path) == 0
-    assert hub.push_after_training(training_args(push_to_hub=None), tmp_path) == 0
+    assert publish.push_after_training(training_args(push_to_hub='someone/repo', rank=1), tmp_path) == 0
+    assert publish.push_after_training(training_args(push_to_hub=None), tmp_path) == 0
     assert fake.calls == [] and list(tmp_path.iterdir()) == []
 
 
@@ -421,7 +422,7 @@ def test_export_command_push_needs_token_then_uploads(run, tmp_path, monkeypatch
 
 def test_push_flags_parse_with_defaults_and_no_token_flag():
     parser = argparse.ArgumentParser()
-    hub.add_push_args(parser)
+    publish.add_push_args(parser)
 
     assert vars(parser.parse_args([])) == dict(push_to_hub=None, hub_private=False, hub_model='best')
     args = parser.parse_args(['--push-to-hub', 'someone/repo', '--hub-private', '--hub-model', 'ema'])
@@ -459,7 +460,7 @@ def test_token_the_hub_rejects_refuses_to_start_training(monkeypatch):
 
     with pytest.raises(ValueError, match=r'--push-to-hub someone/repo: the Hub rejects the Hugging Face token '
                                          r'\(401 Unauthorized.*Training was not started') as exc:
-        hub.check_push_args(training_args(push_to_hub='someone/repo'))
+        publish.check_push_args(training_args(push_to_hub='someone/repo'))
     assert 'hf_test_secret_value' not in str(exc.value)
 
 
@@ -467,12 +468,12 @@ def test_token_checked_offline_is_reported_unverified_and_training_goes_on(monke
     monkeypatch.setenv('HF_TOKEN', 'hf_test_secret_value')  # whoami: no network (conftest)
 
     with caplog.at_level(logging.WARNING):
-        hub.check_push_args(training_args(push_to_hub='someone/repo'))
+        publish.check_push_args(training_args(push_to_hub='someone/repo'))
     assert '--push-to-hub someone/repo: the Hugging Face token could not be verified now' in caplog.text
     assert 'hf_test_secret_value' not in caplog.text
     hub_answers_whoami(monkeypatch)
     caplog.clear()
-    hub.check_push_args(training_args(push_to_hub='someone/repo'))
+    publish.check_push_args(training_args(push_to_hub='someone/repo'))
     assert 'could not be verified' not in caplog.text
 
 
@@ -480,8 +481,8 @@ def test_card_states_the_lambda_reached_when_the_warmup_outlasts_the_run():
     args = {'epochs': 4, 'drloc_lambda': 0.5, 'drloc_warmup_epochs': 10, 'drloc_decay': False}
     rows = [{'epoch': str(e), 'drloc_lambda': str(0.5 * e / 10)} for e in range(4)]  # 0 .. 0.15
 
-    recipe = hub.training_recipe(args, rows)
+    recipe = card.training_recipe(args, rows)
     assert recipe['DRLoc lambda'] == 0.5
     assert recipe['DRLoc lambda reached'] == '0.15 (the warm-up never reached 0.5)'
     reached_rows = [{'epoch': str(e), 'drloc_lambda': '0.5'} for e in range(4)]
-    assert 'DRLoc lambda reached' not in hub.training_recipe(args, reached_rows)
+    assert 'DRLoc lambda reached' not in card.training_recipe(args, reached_rows)

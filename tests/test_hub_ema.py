@@ -9,6 +9,7 @@ import torch
 
 from test_hub import FakeHub, train_and_save, training_args
 from timm_drloc import hub
+from timm_drloc.train import publish
 
 pytestmark = pytest.mark.training_run  # trains: left out of the core modules' mutation run
 
@@ -66,7 +67,7 @@ def test_push_after_training_uploads_the_weights_hub_model_names(ema_run, tmp_pa
     run_dir.mkdir()
     (run_dir / 'last.pth.tar').write_bytes((ema_run.dir / 'last.pth.tar').read_bytes())
 
-    code = hub.push_after_training(training_args(push_to_hub='someone/drloc-vit', hub_model=hub_model), run_dir)
+    code = publish.push_after_training(training_args(push_to_hub='someone/drloc-vit', hub_model=hub_model), run_dir)
     assert code == 0
     assert_same_weights(exported_weights(run_dir / 'hub_export'), checkpoint(ema_run)[key])
 

@@ -76,17 +76,17 @@ def test_patch_imports_only_timm_drloc_and_replaces_one_line():
 def test_patch_builds_drloc_task_and_sets_lambda_each_epoch():
     text = '\n'.join(added_lines())
     assert 'timm_drloc.DRLocTask(' in text
-    assert 'task.set_drloc_lambda(timm_drloc.drloc_lambda_at(' in text
+    assert 'task.set_drloc_lambda(timm_drloc.drloc_lambda_for_epoch(args, epoch, num_epochs))' in text
 
 
-def test_patch_flags_have_the_names_and_defaults_of_train_drloc():
-    lines = added_lines()
-    start = next(i for i, l in enumerate(lines) if l.startswith('group = parser.add_argument_group('))
-    end = next(i for i in range(start, len(lines)) if not lines[i].strip())
-    namespace = {'parser': argparse.ArgumentParser()}
-    exec('\n'.join(lines[start:end]), namespace)  # the patch's own flag definitions, nothing upstream
+def test_patch_adds_the_flags_and_maps_them_with_the_functions_train_drloc_uses():
+    text = '\n'.join(added_lines())
+    assert 'timm_drloc.add_drloc_args(parser)' in text and '**drloc_kwargs)' in text
+    assert 'add_argument(' not in text  # no flag of its own: the one definition is timm_drloc's
     from timm_drloc.train import parser as ours
-    assert drloc_options(namespace['parser']) == drloc_options(ours)
+    patched = argparse.ArgumentParser()
+    exec('import timm_drloc\n' + next(l for l in added_lines() if 'add_drloc_args' in l), {'parser': patched})
+    assert drloc_options(patched) == drloc_options(ours)
 
 
 @needs_git

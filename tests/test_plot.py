@@ -4,7 +4,7 @@ import os
 import pytest
 
 from timm_drloc import cli
-from timm_drloc.plot import plot_experiments, read_summary
+from timm_drloc.plot import plot_experiments, read_experiment
 
 PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
 
@@ -48,8 +48,8 @@ def test_plot_writes_a_valid_png_for_drloc_and_plain_runs(tmp_path):
         image.verify()  # decodes the chunks: a truncated or corrupt file raises
 
 
-def test_read_summary_parses_drloc_columns(tmp_path):
-    exp = read_summary(write_experiment(tmp_path, 'run-a', DRLOC_CSV))
+def test_read_experiment_parses_drloc_columns(tmp_path):
+    exp = read_experiment(write_experiment(tmp_path, 'run-a', DRLOC_CSV))
     assert exp.name == 'run-a'
     assert exp.epochs == [0.0, 1.0, 2.0]
     assert exp.columns['eval_top1'] == [18.5, 35.0, 52.25]
@@ -58,7 +58,7 @@ def test_read_summary_parses_drloc_columns(tmp_path):
 
 
 def test_plain_timm_summary_has_no_drloc_column_and_still_plots(tmp_path):
-    exp = read_summary(write_experiment(tmp_path, 'plain', TIMM_CSV))
+    exp = read_experiment(write_experiment(tmp_path, 'plain', TIMM_CSV))
     assert 'train_drloc_loss' not in exp.columns
     assert not exp.uses_drloc
     out = plot_experiments([exp], str(tmp_path / 'plain.png'))
@@ -69,7 +69,7 @@ def test_folder_without_summary_fails_naming_the_folder(tmp_path, capsys):
     empty = tmp_path / 'not-a-run'
     empty.mkdir()
     with pytest.raises(ValueError, match='not-a-run.*has no summary.csv'):
-        read_summary(str(empty))
+        read_experiment(str(empty))
     assert cli.main(['plot', str(empty), '-o', str(tmp_path / 'x.png')]) != 0
     assert 'not-a-run' in capsys.readouterr().err
     assert not os.path.exists(tmp_path / 'x.png')
@@ -78,7 +78,7 @@ def test_folder_without_summary_fails_naming_the_folder(tmp_path, capsys):
 def test_summary_with_header_only_says_to_wait_for_an_epoch(tmp_path):
     folder = write_experiment(tmp_path, 'fresh', 'epoch,train_loss,eval_top1\n')
     with pytest.raises(ValueError, match='no epoch rows'):
-        read_summary(folder)
+        read_experiment(folder)
 
 
 def test_output_name_without_extension_gets_png_and_the_message_names_the_file(tmp_path, capsys):

@@ -58,7 +58,7 @@ def test_set_lambda_changes_the_weight_and_rejects_negative():
     _, task = make_task(drloc_lambda=0.5)
     task.set_drloc_lambda(0.25)
     assert task.drloc_lambda == 0.25
-    with pytest.raises(ValueError, match=r'DRLoc lambda must be a finite number >= 0, got -1.*Use 0 to turn DRLoc off'):
+    with pytest.raises(ValueError, match=r'drloc_lambda must be a finite number >= 0, got -1.*use 0 to turn DRLoc off'):
         task.set_drloc_lambda(-1)
 
 
@@ -137,10 +137,10 @@ def test_schedule_constant_by_default_and_warmup_alone_then_flat():
 
 @pytest.mark.parametrize('value', [float('inf'), float('nan'), True])
 def test_infinite_or_non_numeric_lambda_is_refused_at_construction_and_by_the_setter(value):
-    with pytest.raises(ValueError, match='DRLoc lambda must be a finite number >= 0'):
+    with pytest.raises(ValueError, match='drloc_lambda must be a finite number >= 0'):
         make_task(drloc_lambda=value)
     _, task = make_task(drloc_lambda=0.5)
-    with pytest.raises(ValueError, match='DRLoc lambda must be a finite number >= 0'):
+    with pytest.raises(ValueError, match='drloc_lambda must be a finite number >= 0'):
         task.set_drloc_lambda(value)
     assert task.drloc_lambda == 0.5
 

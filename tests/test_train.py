@@ -104,7 +104,7 @@ def test_plain_run_without_drloc_has_timm_columns_and_no_task_state(monkeypatch,
 
 
 def _capture_resume(monkeypatch, captured):
-    original = train.resume_task_checkpoint
+    original = train.checkpoints.resume_task_checkpoint
 
     def resume(task, path, **kwargs):
         epoch = original(task, path, **kwargs)
@@ -112,7 +112,7 @@ def _capture_resume(monkeypatch, captured):
         captured['optimizer'] = copy.deepcopy(kwargs['optimizer'].state_dict())  # training goes on in place
         captured['path'] = path
         return epoch
-    monkeypatch.setattr(train, 'resume_task_checkpoint', resume)
+    monkeypatch.setattr(train.checkpoints, 'resume_task_checkpoint', resume)
 
 
 @pytest.mark.slow
@@ -199,8 +199,8 @@ def test_aug_splits_without_the_prefetcher_trains_on_both_splits(monkeypatch, tm
         forward = task.forward
         task.forward = lambda input, target: sizes.append((input.shape[0], target.shape[0])) or forward(input, target)
         return task
-    build_task = train._build_task
-    monkeypatch.setattr(train, '_build_task', recording_task)
+    build_task = train.build_task
+    monkeypatch.setattr(train, 'build_task', recording_task)
     argv = _argv(image_folder, tmp_path, 'splits', '--epochs', '1', '--drloc-lambda', '0.5', '--aug-splits', '2',
                  '--no-prefetcher', *extra)
     argv.remove('--no-aug')  # splits are augmented copies
@@ -210,7 +210,6 @@ def test_aug_splits_without_the_prefetcher_trains_on_both_splits(monkeypatch, tm
     assert 0 < float(row['train_loss']) < 100 and 0 < float(row['train_drloc_loss']) < 10
 
 
-@pytest.mark.usefixtures('restore_parser_defaults')
 def test_config_file_run(monkeypatch, tmp_path, image_folder):
     config = tmp_path / 'drloc.yaml'
     config.write_text('drloc_lambda: 0.25\ndrloc_mode: ce\ndrloc_samples: 16\nlr: 1e-3\nepochs: 1\n')
@@ -244,7 +243,7 @@ def test_resnet_run_with_signed_cbr_targets(monkeypatch, tmp_path, image_folder_
 def _poison_steps(monkeypatch, bad_calls, poison=None):
     """Apply `poison(result)` to the training forwards whose 1-based call number is in `bad_calls` (default: the
     DRLoc loss becomes NaN). Returns the list of the weights each call saw, one list of tensors per call."""
-    build_task = train._build_task
+    build_task = train.build_task
     seen = []
 
     def nan_drloc(result, task):
@@ -263,7 +262,7 @@ def _poison_steps(monkeypatch, bad_calls, poison=None):
             return result
         task.forward = poisoned
         return task
-    monkeypatch.setattr(train, '_build_task', build)
+    monkeypatch.setattr(train, 'build_task', build)
     return seen
 
 
@@ -412,12 +411,13 @@ def test_resume_from_a_bare_state_dict_loads_its_weights_and_starts_at_epoch_0(m
     path = tmp_path / 'clean.pth'
     torch.save(weights, path)  # what timm's clean_checkpoint.py writes: the state dict alone, no epoch
     seen = {}
-    train_one_epoch = train.train_one_epoch
+    train_one_epoch = train.loop.train_one_epoch
 
-    def recording_epoch(epoch, model, *args, **kw):
+    def recording_epoch(run, epoch):
+        model = run.task.get_trainable_module()
         seen.setdefault(epoch, {k: v.clone() for k, v in unwrap(model).state_dict().items()})
-        return train_one_epoch(epoch, model, *args, **kw)
-    monkeypatch.setattr(train, 'train_one_epoch', recording_epoch)
+        return train_one_epoch(run, epoch)
+    monkeypatch.setattr(train.loop, 'train_one_epoch', recording_epoch)
     caplog.set_level('INFO')
     _run(monkeypatch, _argv(image_folder, tmp_path, 'bare', '--epochs', '1', '--resume', str(path),
                             *(['--drloc-lambda', '0.5'] if drloc else [])))
@@ -453,11 +453,11 @@ class _Terminal(io.StringIO):
         return True
 
 
-@pytest.mark.skipif(not train.has_tqdm, reason='tqdm not installed')
+@pytest.mark.skipif(not train.loop.has_tqdm, reason='tqdm not installed')
 def test_progress_is_a_bar_on_a_terminal(monkeypatch, caplog):
     terminal = _Terminal()
     monkeypatch.setattr(sys, 'stderr', terminal)
-    progress = train.EpochProgress(epoch=4, total=2, log_interval=1, enabled=True)
+    progress = train.loop.EpochProgress(epoch=4, total=2, log_interval=1, enabled=True)
     for step in range(2):
         progress.update(step, step == 1, {'loss': 2.5, 'lr': 0.001, 'img_s': 80.0, 'drloc': 1.25}, lambda: 'log line')
     progress.close()
@@ -469,7 +469,7 @@ def test_progress_is_a_bar_on_a_terminal(monkeypatch, caplog):
 def test_progress_is_log_lines_without_a_terminal(monkeypatch, caplog):
     monkeypatch.setattr(sys, 'stderr', io.StringIO())
     caplog.set_level('INFO')
-    progress = train.EpochProgress(epoch=0, total=3, log_interval=2, enabled=True)
+    progress = train.loop.EpochProgress(epoch=0, total=3, log_interval=2, enabled=True)
     for step in range(3):
         progress.update(step, step == 2, {'loss': 1.0}, lambda step=step: f'line {step}')
     progress.close()
@@ -478,13 +478,13 @@ def test_progress_is_log_lines_without_a_terminal(monkeypatch, caplog):
 
 def _two_labels_per_image(monkeypatch):
     """Turn the ImageFolder class index i into the label set {i, i+1 mod 3} before the multi-label encoding."""
-    real_create_dataset = train.create_dataset
+    real_create_dataset = train.build.create_dataset
 
     def create_dataset(*args, target_transform=None, **kwargs):
         dataset = real_create_dataset(*args, **kwargs)
         dataset.target_transform = lambda index: target_transform([index, (index + 1) % 3])
         return dataset
-    monkeypatch.setattr(train, 'create_dataset', create_dataset)
+    monkeypatch.setattr(train.build, 'create_dataset', create_dataset)
 
 
 @pytest.mark.parametrize('drloc', [False, True], ids=['plain', 'drloc'])

@@ -23,25 +23,25 @@ from timm_drloc import unwrap
 dump_dir = os.environ['DUMP_DIR']
 rank = int(os.environ['RANK'])
 reduced = []
-mean_over_ranks = train._mean_over_ranks
+mean_over_ranks = train.loop._mean_over_ranks
 def recording_mean(values, args, device):
     out = mean_over_ranks(values, args, device)
     reduced.append((list(values), list(out)))
     return out
-train._mean_over_ranks = recording_mean
+train.loop._mean_over_ranks = recording_mean
 
-train_one_epoch = train.train_one_epoch
-def dumping_train_one_epoch(epoch, model, *args, task=None, **kwargs):
-    metrics = train_one_epoch(epoch, model, *args, task=task, **kwargs)
-    drloc = task.get_trainable_module().module  # DDP -> DRLocModel
+train_one_epoch = train.loop.train_one_epoch
+def dumping_train_one_epoch(run, epoch):
+    metrics = train_one_epoch(run, epoch)
+    drloc = run.task.get_trainable_module().module  # DDP -> DRLocModel
     state = {k: v.detach().clone() for k, v in drloc.state_dict().items()}
     torch.save({'state': state, 'epoch_end': reduced[-1], 'metrics': dict(metrics)},
                os.path.join(dump_dir, f'rank{rank}-epoch{epoch}.pt'))
     return metrics
-train.train_one_epoch = dumping_train_one_epoch
+train.loop.train_one_epoch = dumping_train_one_epoch
 
 if 'BAD_RANK' in os.environ:  # the loss of one training forward becomes Inf on one rank only
-    build_task = train._build_task
+    build_task = train.build_task
     def build(*args, **kwargs):
         task = build_task(*args, **kwargs)
         forward, calls = task.forward, []
@@ -53,9 +53,8 @@ if 'BAD_RANK' in os.environ:  # the loss of one training forward becomes Inf on 
             return result
         task.forward = poisoned
         return task
-    train._build_task = build
-sys.argv = ['train_drloc.py'] + sys.argv[1:]
-train.run()
+    train.build_task = build
+train.run(sys.argv[1:])
 '''
 
 

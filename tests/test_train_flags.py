@@ -266,7 +266,6 @@ def _parse_config(monkeypatch, tmp_path, cfg):
     return _parse(monkeypatch, '-c', str(path), '--data-dir', str(tmp_path))
 
 
-@pytest.mark.usefixtures('restore_parser_defaults')
 def test_config_converts_strings_and_command_line_wins(monkeypatch, tmp_path):
     path = tmp_path / 'config.yaml'
     path.write_text('lr: 3e-4\ndrloc_lambda: "0.25"\ndrloc-mode: ce\nepochs: 7\nmean: ["0.5", 0.4, 0.3]\n')
@@ -275,14 +274,12 @@ def test_config_converts_strings_and_command_line_wins(monkeypatch, tmp_path):
     assert args.epochs == 3 and args.mean == [0.5, 0.4, 0.3]
 
 
-@pytest.mark.usefixtures('restore_parser_defaults')
 def test_config_unknown_key_warns_and_is_ignored(monkeypatch, tmp_path, caplog):
     args = _parse_config(monkeypatch, tmp_path, dict(drloc_lamda=0.5, drloc_samples=16))
     assert 'drloc_lamda' in caplog.text and 'ignored' in caplog.text
     assert args.drloc_samples == 16 and args.drloc_lambda == 0.0 and not hasattr(args, 'drloc_lamda')
 
 
-@pytest.mark.usefixtures('restore_parser_defaults')
 def test_a_runs_args_yaml_is_a_config_that_reproduces_the_run(monkeypatch, tmp_path):
     # timm users re-run an experiment with -c output/train/EXP/args.yaml
     monkeypatch.setattr('sys.argv', ['train_drloc.py', '--data-dir', str(tmp_path), '--drloc-lambda', '0.5',
@@ -295,7 +292,6 @@ def test_a_runs_args_yaml_is_a_config_that_reproduces_the_run(monkeypatch, tmp_p
     assert again.wandb_tags == [] and again.drloc_layers == ['blocks.1'] and again.lr == 3e-4
 
 
-@pytest.mark.usefixtures('restore_parser_defaults')
 @pytest.mark.parametrize('cfg, message', [
     (dict(drloc_mode='l2'), "drloc_mode='l2' is not one of"),
     (dict(drloc_samples='many'), "drloc_samples='many' is not a valid int"),
@@ -316,10 +312,10 @@ def test_config_wrong_type_is_rejected_with_the_key(monkeypatch, tmp_path, capsy
 @pytest.mark.parametrize('argv, message', [
     (['--drloc-lambda', '-1'], '--drloc-lambda must be a finite number >= 0, got -1.0'),
     (['--drloc-lambda', 'nan'], '--drloc-lambda must be a finite number >= 0, got nan'),
-    (['--drloc-samples', '0'], '--drloc-samples must be >= 1, got 0'),
-    (['--drloc-samples', '-4'], '--drloc-samples must be >= 1, got -4'),
+    (['--drloc-samples', '0'], '--drloc-samples must be an integer >= 1 (pairs per image), got 0'),
+    (['--drloc-samples', '-4'], '--drloc-samples must be an integer >= 1 (pairs per image), got -4'),
     (['--drloc-mode', 'l2'], "invalid choice: 'l2'"),
-    (['--drloc-hidden-dim', '0'], '--drloc-hidden-dim must be >= 1'),
+    (['--drloc-hidden-dim', '0'], '--drloc-hidden-dim must be an integer >= 1, got 0'),
     (['--drloc-lambda', '0.5', '--kd-model-name', 'resnet18'], 'cannot be combined with --kd-model-name'),
     (['--drloc-lambda', '0.5', '--torchscript'], 'use --torchcompile instead'),
     (['--drloc-lambda', '0.5', '--naflex-loader'], 'DRLoc needs a square token grid'),
@@ -339,11 +335,11 @@ def test_old_loss_switches_become_loss_and_pos_weight(monkeypatch):
 
 def test_criterion_follows_task_and_loss_flags(monkeypatch):
     from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-    single = train._train_loss(_parse(monkeypatch, '--data-dir', '/data'))
+    single = train.build.train_loss(_parse(monkeypatch, '--data-dir', '/data'))
     assert isinstance(single, LabelSmoothingCrossEntropy) and single.smoothing == 0.1
-    assert isinstance(train._train_loss(_parse(monkeypatch, '--data-dir', '/data', '--mixup', '0.2')),
+    assert isinstance(train.build.train_loss(_parse(monkeypatch, '--data-dir', '/data', '--mixup', '0.2')),
                       SoftTargetCrossEntropy)
-    multi = train._train_loss(_parse(monkeypatch, '--data-dir', '/data', '--task', 'multilabel',
+    multi = train.build.train_loss(_parse(monkeypatch, '--data-dir', '/data', '--task', 'multilabel',
                                      '--loss-pos-weight', '1,2,3'), num_classes=3)
     assert isinstance(multi, BinaryCrossEntropy)
     assert multi.pos_weight.tolist() == [1.0, 2.0, 3.0]
@@ -357,6 +353,8 @@ def test_criterion_follows_task_and_loss_flags(monkeypatch):
     (['--task', 'multilabel', '--loss', 'twoway', '--mixup', '0.5'], 'does not support Mixup'),
     (['--task', 'multilabel', '--loss-pos-weight', 'neg_pos'], 'requires class stats'),
     (['--task', 'multilabel', '--kd-model-name', 'resnet18'], 'cannot be combined with --task multilabel'),
+    (['--task', 'multilabel', '--eval-metric', 'top1'],
+     '--eval-metric top1 is not reported by multilabel evaluation; use one of loss, map'),
 ])
 def test_bad_task_and_loss_flags_exit_at_parse_time(monkeypatch, capsys, argv, message):
     with pytest.raises(SystemExit) as exc:
@@ -419,8 +417,6 @@ BAD_INPUT = {
     'num classes disagree with data': (lambda d, t: _vit_args(d, '--num-classes', '2'),
                                        'the data has 3 classes but the model has 2 outputs'),
     'stop epoch out of range': (lambda d, t: _vit_args(d, '--stop-epoch', '5'), '--stop-epoch 5 is out of range'),
-    'multilabel ranked by top1': (lambda d, t: _vit_args(d, '--task', 'multilabel', '--eval-metric', 'top1'),
-                                  '--eval-metric top1 is not reported by multilabel evaluation; use one of loss, map'),
     'per-class weights for other classes': (lambda d, t: _vit_args(d, '--task', 'multilabel', '--num-classes', '3',
                                                                    '--loss-class-weight', '1,2'),
                                             '--loss-class-weight 1,2 has 2 entries but the model has 3 classes'),
@@ -481,7 +477,7 @@ def test_img_size_builds_a_fixed_size_model_at_that_size(monkeypatch):
 
 
 def test_missing_data_dir_is_reported_after_the_model_is_built(monkeypatch, tmp_path):
-    monkeypatch.setattr(train, 'train_one_epoch', _no_training)
+    monkeypatch.setattr(train.loop, 'train_one_epoch', _no_training)
     monkeypatch.setattr('sys.argv', ['train_drloc.py', *_vit_args(tmp_path / 'nowhere')[2:]])
     with pytest.raises(ValueError, match='no dataset given: pass the dataset root folder'):
         train.main()
@@ -515,7 +511,7 @@ def test_bad_input_fails_before_training_with_a_clear_message(monkeypatch, tmp_p
     make_argv, message = BAD_INPUT[case]
     monkeypatch.delenv('HF_TOKEN', raising=False)
     monkeypatch.setattr('huggingface_hub.get_token', lambda: None)  # as on a machine never logged in
-    monkeypatch.setattr(train, 'train_one_epoch', _no_training)
+    monkeypatch.setattr(train.loop, 'train_one_epoch', _no_training)
     monkeypatch.setattr('sys.argv', ['train_drloc.py', *make_argv(image_folder, tmp_path),
                                      '--output', str(tmp_path / 'out'), '--experiment', 'bad'])
     with pytest.raises(ValueError) as exc:
@@ -527,7 +523,7 @@ def test_bad_input_fails_before_training_with_a_clear_message(monkeypatch, tmp_p
 
 def test_one_class_data_dir_is_rejected(monkeypatch, tmp_path, image_folder_factory):
     data = image_folder_factory(num_classes=1)
-    monkeypatch.setattr(train, 'train_one_epoch', _no_training)
+    monkeypatch.setattr(train.loop, 'train_one_epoch', _no_training)
     monkeypatch.setattr('sys.argv', ['train_drloc.py', *_vit_args(data), '--output', str(tmp_path / 'out')])
     with pytest.raises(ValueError, match='has 1 class folder'):
         train.main()
@@ -560,14 +556,37 @@ def test_args_yaml_names_the_metric_checkpoints_are_ranked_by(monkeypatch, argv,
 
 
 def test_max_nonfinite_steps_below_1_is_refused(monkeypatch, capsys):
-    args = _parse(monkeypatch, '--data-dir', '/data', '--max-nonfinite-steps', '0')
     with pytest.raises(SystemExit) as exc:
-        train._check_run_flags(args)
+        _parse(monkeypatch, '--data-dir', '/data', '--max-nonfinite-steps', '0')
     assert exc.value.code == 2
     assert '--max-nonfinite-steps must be >= 1, got 0' in capsys.readouterr().err
 
 
-@pytest.mark.usefixtures('restore_parser_defaults')
+def test_a_config_file_leaves_the_module_parser_as_it_was(monkeypatch, tmp_path):
+    defaults = {a.dest: a.default for a in train.parser._actions}
+    args = _parse_config(monkeypatch, tmp_path, dict(lr=0.25, drloc_samples=16))
+    assert (args.lr, args.drloc_samples) == (0.25, 16)
+    assert {a.dest: a.default for a in train.parser._actions} == defaults and train.parser._defaults == {}
+    assert _parse(monkeypatch, '--data-dir', str(tmp_path)).lr is None  # the next run is not given the config's
+
+
+def test_main_reads_its_flags_from_argv_not_sys_argv(monkeypatch, tmp_path, image_folder):
+    monkeypatch.setattr(train, 'create_model', lambda *a, **k: (_ for _ in ()).throw(_ModelBuilt(k)))
+    monkeypatch.setattr('sys.argv', ['train_drloc.py', '--model', 'sys_argv_model'])
+    with pytest.raises(_ModelBuilt) as built:
+        train.main(['--data-dir', str(image_folder), '--device', 'cpu', '--model', 'resnet18',
+                    '--output', str(tmp_path)])
+    assert built.value.args[0]['model_name'] == 'resnet18'
+
+
+def test_the_cli_train_command_passes_its_arguments_without_touching_sys_argv(monkeypatch, tmp_path):
+    from timm_drloc import cli
+    monkeypatch.setattr('sys.argv', ['timm-drloc', 'train', '--lr', '0'])
+    with pytest.raises(SystemExit) as exc:
+        cli.main(['train', '--data-dir', str(tmp_path), '--epochs', '0'])
+    assert exc.value.code == 2 and sys.argv == ['timm-drloc', 'train', '--lr', '0']
+
+
 def test_loss_entries_of_args_yaml_parse_again(monkeypatch, tmp_path):
     first = _parse(monkeypatch, '--data-dir', str(tmp_path), '--bce-loss', '--bce-pos-weight', '2')
     loss_keys = ('bce_loss', 'bce_pos_weight', 'loss', 'loss_pos_weight')
@@ -632,7 +651,6 @@ def test_output_folder_without_write_permission_is_refused_before_the_model_is_b
         _main_before_the_model(monkeypatch, '--data-dir', str(image_folder), '--output', str(output))
 
 
-@pytest.mark.usefixtures('restore_parser_defaults')
 def test_binary_config_file_exits_2_naming_the_file(monkeypatch, tmp_path, capsys):
     path = tmp_path / 'weights.bin'
     path.write_bytes(b'\x89PNG\r\n\x1a\n' + bytes(range(256)))
@@ -647,7 +665,6 @@ ALIAS_BOMB = 'a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]\n' +
     f'{n}: &{n} [*{p},*{p},*{p},*{p},*{p},*{p},*{p},*{p},*{p}]\n' for p, n in zip('abcde', 'bcdef'))
 
 
-@pytest.mark.usefixtures('restore_parser_defaults')
 def test_yaml_alias_bomb_is_refused_in_a_short_message(monkeypatch, tmp_path, capsys):
     path = tmp_path / 'bomb.yaml'
     path.write_text(ALIAS_BOMB + 'lr: *f\n')  # and a type error: lr takes one number
@@ -657,16 +674,15 @@ def test_yaml_alias_bomb_is_refused_in_a_short_message(monkeypatch, tmp_path, ca
     assert exc.value.code == 2
     err = capsys.readouterr().err  # argparse's usage, then the error line
     assert f'config {path} expands to more than 10000 values' in err
-    assert len(err) < len(train.parser.format_usage()) + 500
+    assert len(err) < len(train.flags.build_parser().format_usage()) + 500
 
 
-@pytest.mark.usefixtures('restore_parser_defaults')
 def test_a_long_config_value_is_cut_in_the_error_message(monkeypatch, tmp_path, capsys):
     with pytest.raises(SystemExit):
         _parse_config(monkeypatch, tmp_path, dict(lr=list(range(5000))))
     err = capsys.readouterr().err  # argparse's usage, then the error line
     assert 'lr=[0, 1, 2, 3, ...] must be a single value, not a list' in err
-    assert len(err) < len(train.parser.format_usage()) + 500
+    assert len(err) < len(train.flags.build_parser().format_usage()) + 500
 
 
 # ---- data splits: named before the model is built; a missing split or other classes are refused ----------
@@ -700,7 +716,7 @@ def test_dataset_root_is_read_when_asked_for_explicitly(monkeypatch, tmp_path, i
     data = image_folder_factory(splits=('train',))
     root_classes = tmp_path / 'flat'  # class folders straight in the root: read it with --train-split .
     (data / 'train').rename(root_classes)
-    monkeypatch.setattr(train, 'train_one_epoch', _no_training)
+    monkeypatch.setattr(train.loop, 'train_one_epoch', _no_training)
     monkeypatch.setattr('sys.argv', ['train_drloc.py', *_vit_args(root_classes, '--train-split', '.',
                                                                    '--val-split', ''), '--output', str(tmp_path)])
     caplog.set_level('INFO')
@@ -712,7 +728,7 @@ def test_dataset_root_is_read_when_asked_for_explicitly(monkeypatch, tmp_path, i
 def test_splits_with_other_class_folders_are_refused_naming_the_classes(monkeypatch, tmp_path, image_folder_factory):
     data = image_folder_factory(num_classes=3, splits=('train', 'validation'))
     (data / 'validation' / 'class_2').rename(data / 'validation' / 'class_9')
-    monkeypatch.setattr(train, 'train_one_epoch', _no_training)
+    monkeypatch.setattr(train.loop, 'train_one_epoch', _no_training)
     monkeypatch.setattr('sys.argv', ['train_drloc.py', *_vit_args(data), '--output', str(tmp_path / 'out')])
     with pytest.raises(ValueError, match=rf'the splits hold different classes \(only in {data}/train: class_2; '
                                          rf'only in {data}/validation: class_9\)'):
@@ -725,7 +741,7 @@ def test_splits_with_other_class_folders_are_refused_naming_the_classes(monkeypa
 @pytest.mark.parametrize('flag', ['--drloc-samples', '--drloc-hidden-dim'])
 def test_head_sizes_that_cannot_fit_are_refused_with_the_numbers_before_the_run_folder(monkeypatch, tmp_path,
                                                                                      image_folder, flag):
-    monkeypatch.setattr(train, 'train_one_epoch', _no_training)
+    monkeypatch.setattr(train.loop, 'train_one_epoch', _no_training)
     monkeypatch.setattr('sys.argv', ['train_drloc.py', *_vit_args(image_folder, '--drloc-lambda', '0.5', flag,
                                                                   '1000000000'),
                                      '--output', str(tmp_path / 'out'), '--experiment', 'big'])
@@ -746,7 +762,7 @@ def test_warmup_as_long_as_the_run_is_warned_at_start_with_the_lambda_reached(mo
                                                                              caplog):
     def started(*args, **kwargs):
         raise _TrainingStarted()
-    monkeypatch.setattr(train, 'train_one_epoch', started)
+    monkeypatch.setattr(train.loop, 'train_one_epoch', started)
     monkeypatch.setattr('sys.argv', ['train_drloc.py', *_vit_args(image_folder, '--drloc-lambda', '0.5',
                                                                   '--drloc-warmup-epochs', '4', '--epochs', '2'),
                                      '--warmup-epochs', '0', '--output', str(tmp_path)])

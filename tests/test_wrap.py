@@ -130,7 +130,7 @@ def test_multiscale_one_head_per_stage():
     _, total = drloc(x)
     # the loss is the sum of the per-stage losses (same random draws replayed)
     torch.manual_seed(3)
-    _, feats = drloc.forward_with_grids(x)
+    _, feats = drloc.forward_logits_and_features(x)
     per_stage = [head(timm_drloc.grids.to_grid(f, s, (64, 64))) for head, s, f in zip(drloc.heads, drloc.sources, feats)]
     torch.testing.assert_close(total, sum(per_stage))
 
@@ -326,7 +326,7 @@ def test_hiera_multiscale_grids_are_in_row_major_order():
     model = timm.create_model('hiera_tiny_224', num_classes=3).eval()
     drloc = wrap(model, multiscale=True, hidden_dim=8)
     x = torch.randn(1, 3, 224, 224)
-    _, feats = drloc.forward_with_grids(x)
+    _, feats = drloc.forward_logits_and_features(x)
     grids = [timm_drloc.grids.to_grid(f, s, (224, 224)) for f, s in zip(feats, drloc.sources)]
     _, reference = model.forward_intermediates(x, indices=4, norm=False)  # NCHW, rows in image order
     assert [tuple(g.shape[1:3]) for g in grids] == [(56, 56), (28, 28), (14, 14), (7, 7)]

@@ -1,13 +1,14 @@
 """timm-drloc: the Dense Relative Localization loss (DRLoc, NeurIPS 2021) for any timm model."""
 from .head import DRLocHead, relative_targets, sample_positions
 from .model import DRLocModel, DRLocOutput, unwrap, wrap
-from .task import DRLocTask, drloc_lambda_at
+from .settings import add_drloc_args, drloc_kwargs, drloc_lambda_at, drloc_lambda_for_epoch
+from .task import DRLocTask
 
 __version__ = '0.1.0'
 
 __all__ = [
-    'DRLocHead', 'DRLocModel', 'DRLocOutput', 'DRLocTask', 'drloc_lambda_at', 'relative_targets',
-    'sample_positions', 'unwrap', 'wrap', 'export', 'push_to_hub',
+    'DRLocHead', 'DRLocModel', 'DRLocOutput', 'DRLocTask', 'add_drloc_args', 'drloc_kwargs', 'drloc_lambda_at',
+    'drloc_lambda_for_epoch', 'relative_targets', 'sample_positions', 'unwrap', 'wrap', 'export', 'push_to_hub',
 ]
 
 

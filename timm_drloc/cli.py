@@ -6,6 +6,8 @@ import importlib
 import sys
 from typing import List, Optional
 
+from .errors import ExitCode
+
 # subcommand -> (module, function taking argv, one-line help)
 COMMANDS = {
     'train': ('timm_drloc.train', 'run', "train a timm model with DRLoc (train_drloc.py's flags)"),
@@ -26,19 +28,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ('-h', '--help'):
         print(usage())
-        return 0 if argv else 2
+        return ExitCode.OK if argv else ExitCode.BAD_INPUT
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
         print(f"timm-drloc: unknown command '{name}'.\n\n{usage()}", file=sys.stderr)
-        return 2
+        return ExitCode.BAD_INPUT
     module_name, func_name, _ = COMMANDS[name]
     func = getattr(importlib.import_module(module_name), func_name)
-    if name == 'train':
-        sys.argv = ['timm-drloc train', *rest]  # train.py-style main() reads sys.argv
-        result = func()
-    else:
-        result = func(rest)
-    return int(result or 0)
+    result = func(rest, prog=f'timm-drloc {name}') if name == 'train' else func(rest)  # the others name themselves
+    return int(result or ExitCode.OK)
 
 
 if __name__ == '__main__':

@@ -15,6 +15,7 @@ from typing import Any, Dict, List, Optional, Sequence
 from PIL import Image
 from timm.data import ImageDataset
 from timm.data.dataset_factory import _search_split
+from timm.data.readers.img_extensions import get_img_extensions
 from timm.data.readers.reader import Reader
 from timm.data.readers.reader_image_folder import ReaderImageFolder
 from timm.data.readers.reader_image_in_tar import ReaderImageInTar
@@ -59,6 +60,12 @@ def split_folder(root: str, split: str, flag: str, other_split: str = '') -> str
         fixes.append("--val-split '' to train without validation")
     raise ConfigError(f"{flag} {split}: there is no {name}/ folder in {root} ({holds}), and timm would read all of "
                       f"{root} in its place; pass {', or '.join(fixes)}")
+
+
+def holds_images(folder: str) -> bool:
+    """Whether any file below `folder` has an image extension timm's folder reader reads (stops at the first)."""
+    extensions = set(get_img_extensions())
+    return any(os.path.splitext(name)[1].lower() in extensions for _, _, files in os.walk(folder) for name in files)
 
 
 def check_same_classes(class_to_idx: Dict[str, int], other: Dict[str, int], folder: str, other_folder: str) -> None:

@@ -24,7 +24,8 @@ import sys
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from .plot import plot_experiments, read_summary
+from .errors import ExitCode, SummaryError
+from .plot import plot_experiments, read_experiment
 
 SPLITS = ('train', 'validation')
 NUM_CLASSES = 10
@@ -112,23 +113,31 @@ def train_command(args: argparse.Namespace, data_dir: str, runs_dir: str, experi
     return command + list(extra)
 
 
+class TrainingRunFailed(RuntimeError):
+    """A training subprocess ended with a non-zero status (`returncode`, an ExitCode of train_drloc.py)."""
+
+    def __init__(self, message: str, returncode: int):
+        super().__init__(message)
+        self.returncode = returncode
+
+
 def run_training(command: Sequence[str], log_path: str) -> None:
-    """Run one training subprocess, its output in `log_path`; raise with the log's tail if it fails."""
+    """Run one training subprocess, its output in `log_path`; TrainingRunFailed with the log's tail if it fails."""
     with open(log_path, 'w') as log:
         result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT)
     if result.returncode != 0:
         with open(log_path) as log:
             tail = ''.join(log.readlines()[-25:])
-        raise RuntimeError(f'training failed (exit {result.returncode}); command:\n  {" ".join(command)}\n'
-                           f'last lines of {log_path}:\n{tail}')
+        raise TrainingRunFailed(f'training failed (exit {result.returncode}); command:\n  {" ".join(command)}\n'
+                                f'last lines of {log_path}:\n{tail}', result.returncode)
 
 
 def top1(folder: str) -> Tuple[float, float]:
     """(final, best) eval top-1 of an experiment folder's summary.csv."""
-    values = read_summary(folder).columns.get('eval_top1') or []
+    values = read_experiment(folder).columns.get('eval_top1') or []
     values = [v for v in values if v == v]  # drop NaN
     if not values:
-        raise ValueError(f"'{folder}/summary.csv' has no eval_top1 values: did the run evaluate (--val-split)?")
+        raise SummaryError(f"'{folder}/summary.csv' has no eval_top1 values: did the run evaluate (--val-split)?")
     return values[-1], max(values)
 
 
@@ -206,11 +215,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         counts = write_digits(data_dir, args.train_per_class, args.val_per_class, args.img_size, args.split_seed)
     except ValueError as e:
         print(f'timm-drloc demo: {e}', file=sys.stderr)
-        return 2
+        return ExitCode.BAD_INPUT
     print(f"digits ImageFolder at {data_dir}: {sum(counts['train'].values())} train, "
           f"{sum(counts['validation'].values())} validation images")
     if args.data_only:
-        return 0
+        return ExitCode.OK
     os.makedirs(runs_dir, exist_ok=True)
     results, names, folders = {}, [], []
     started = time.time()
@@ -224,9 +233,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             try:
                 run_training(command, os.path.join(runs_dir, f'{experiment}.log'))
                 results[seed][kind] = top1(os.path.join(runs_dir, experiment))
-            except (RuntimeError, ValueError) as e:
+            except TrainingRunFailed as e:
                 print(f'timm-drloc demo: {e}', file=sys.stderr)
-                return 1
+                return e.returncode  # the run's own ExitCode
+            except SummaryError as e:
+                print(f'timm-drloc demo: {e}', file=sys.stderr)
+                return ExitCode.BAD_INPUT
             names.append(experiment)
             folders.append(os.path.join(runs_dir, experiment))
             print(f'           final top-1 {results[seed][kind][0]:.2f}, best {results[seed][kind][1]:.2f}')
@@ -236,10 +248,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               f'DRLoc lambda {args.drloc_lambda} (unnormalized targets), hidden {args.drloc_hidden_dim}, '
               f'm={args.drloc_samples}; eval top-1 %, {time.time() - started:.0f} s in all.')
     print('\n' + write_tables(out, rows, stats, header))
-    experiments = [read_summary(folder, name) for folder, name in zip(folders, names)]
+    experiments = [read_experiment(folder, name) for folder, name in zip(folders, names)]
     png = plot_experiments(experiments, os.path.join(out, 'curves.png'), title='digits: baseline vs DRLoc')
     print(f"wrote {os.path.join(out, 'results.md')}, {os.path.join(out, 'results.csv')}, {png}")
-    return 0
+    return ExitCode.OK
 
 
 if __name__ == '__main__':

@@ -1,9 +1,11 @@
-"""What can go wrong in a run, as types: the errors timm-drloc raises and the exit status each ends with.
+"""What can go wrong, as types: the errors timm-drloc raises and the exit status each ends with.
 
-Callers decide by type, never by message text: the command-line entry points map each error class to
-one `ExitCode`, and the README's exit-status table is this enum.
+Callers decide by type, never by message text. The library raises ValueError subclasses (code that catches
+ValueError is unaffected), each naming what would fix it; the command-line entry points map each class to
+the fix in flag terms and to one `ExitCode`, and the README's exit-status table is this enum.
 """
 from enum import IntEnum
+from typing import Any, Mapping, Optional
 
 
 class ExitCode(IntEnum):
@@ -19,6 +21,82 @@ class ExitCode(IntEnum):
 class ConfigError(ValueError):
     """A flag, config value or input that cannot work; raised before any training step runs where it can be
     found then (damaged images and a full disk are found later, and end with the same status)."""
+
+
+class SettingError(ValueError):
+    """A DRLoc setting whose value cannot work (a keyword of wrap() / DRLocTask, or its --drloc-* flag).
+
+    The message is a template over the settings' names (`{num_samples}`, `{mode}`) and the value (`{value}`):
+    `str(error)` names the settings by their keywords, `error.message(names)` by the names a caller knows them by
+    (the command line's flags), so both read the same rule.
+
+    Attributes:
+        setting: the keyword of the setting that is wrong ('num_samples').
+        value: its value.
+    """
+
+    def __init__(self, setting: str, value: Any, template: str):
+        self.setting, self.value, self.template = setting, value, template
+        super().__init__(self.message())
+
+    def message(self, names: Optional[Mapping[str, str]] = None) -> str:
+        """The message with each setting called by `names` (keyword -> name; a keyword not in it stays)."""
+        return self.template.format_map(_Names(names or {}, value=repr(self.value)))
+
+
+class _Names(dict):
+    def __init__(self, names: Mapping[str, str], **fields: str):
+        super().__init__(names, **fields)
+
+    def __missing__(self, key: str) -> str:
+        return key
+
+
+class GridError(ValueError):
+    """DRLoc finds no grid it can learn from where it looks; each subclass names a different way out."""
+
+
+class GridNotFoundError(GridError):
+    """The modules looked at give no spatial grid (no feature_info, a module that does not exist or does not run,
+    an output that is not a grid): name the grid module(s) with `layers=`."""
+
+
+class SingleScaleError(GridError):
+    """multiscale=True on a model whose features have a single stride (a ViT): use one head."""
+
+
+class GridTooSmallError(GridError):
+    """A 1x1 grid has no relative positions: a larger input, or an earlier module with `layers=`."""
+
+
+class ProbeError(GridError):
+    """The probe pass that finds the grids failed at the input size tried: pass the size the model is used with."""
+
+
+class UnknownModelError(ConfigError):
+    """timm has no model of this name."""
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint file that cannot be read (missing, truncated, corrupt, or not a checkpoint).
+
+    Attributes:
+        path: the file.
+        problem: what is wrong with it, in a few words.
+    """
+
+    def __init__(self, path: str, problem: str, message: Optional[str] = None):
+        self.path, self.problem = str(path), problem
+        super().__init__(message or f"checkpoint '{path}' cannot be read ({problem})")
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint whose pickle holds objects other than tensors and plain values: loading it could run code,
+    so it is not loaded."""
+
+
+class SummaryError(ValueError):
+    """A folder without a readable summary.csv (none yet, or a binary / damaged file)."""
 
 
 class UnreadableImagesError(ConfigError):

@@ -11,7 +11,6 @@ the weights. `compiled=True` compiles that step (the sampling stays eager: the s
 """
 import functools
 import logging
-import numbers
 import os
 import time
 from typing import Callable, NamedTuple, Optional, Sequence, Tuple, Union
@@ -20,10 +19,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .losses import MODES, cbr_loss, ce_loss, l1_loss
+from .errors import GridTooSmallError
+from .losses import cbr_loss, ce_loss, l1_loss
+from .settings import check_settings
 
 _logger = logging.getLogger(__name__)
-COMPILE_MODES = ('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs')
 NARROW_OUTPUT = 16  # compiled, a last layer at most this wide is a fused multiply-and-sum (see last_layer)
 
 
@@ -148,7 +148,8 @@ class DRLocHead(nn.Module):
             compiled: Union[bool, str] = False,
     ):
         super().__init__()
-        check_head_args(mode, num_samples, hidden_dim, normalize, compiled)
+        check_settings(mode=mode, num_samples=num_samples, hidden_dim=hidden_dim, normalize=normalize,
+                       compile_head=compiled)
         check_grid_size(grid_size)
         num_samples, hidden_dim = int(num_samples), int(hidden_dim)  # numpy integers too
         self.mode = mode
@@ -327,34 +328,11 @@ def compiled_pair_loss(mode: Optional[str]) -> Callable[..., torch.Tensor]:
     return torch.compile(DRLocHead.pair_loss, mode=mode)
 
 
-def _is_count(value) -> bool:
-    """An integer >= 1, Python's or numpy's (not a bool)."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
-
-
-def check_head_args(mode: str, num_samples: int, hidden_dim: int, normalize: bool,
-                    compiled: Union[bool, str] = False) -> None:
-    """Reject head settings that cannot work, naming the value and the fix."""
-    if mode not in MODES:
-        raise ValueError(f"Unknown DRLoc mode '{mode}'. Use one of {', '.join(MODES)}.")
-    if not _is_count(num_samples):
-        raise ValueError(f"num_samples must be an integer >= 1 (pairs per image), got {num_samples!r}. The reference uses 64.")
-    if not _is_count(hidden_dim):
-        raise ValueError(f"hidden_dim must be an integer >= 1, got {hidden_dim!r}. The reference uses 512.")
-    if normalize and mode == 'ce':
-        raise ValueError(
-            "normalize=True has no meaning with mode='ce': its targets are offset classes, not values. "
-            "Use normalize=False, or mode='l1' / 'cbr'.")
-    if not isinstance(compiled, bool) and compiled not in COMPILE_MODES:
-        raise ValueError(f"compile_head must be True, False or a torch.compile mode ({', '.join(COMPILE_MODES)}), "
-                         f"got {compiled!r}.")
-
-
 def check_grid_size(grid_size: Tuple[int, int]) -> None:
     """A grid needs at least two cells to have relative positions to learn."""
     height, width = grid_size
     if height * width < 2:
-        raise ValueError(
+        raise GridTooSmallError(
             f"The feature grid is {height}x{width}: a single cell has no relative position to localize. "
             f"Use a larger input size (more cells at the final stride) or read an earlier stage with layers=[...].")
 

@@ -5,24 +5,29 @@ An export is a folder that plain timm loads, with no timm_drloc import:
     config.json         architecture, num_classes, label_names, model_args and the pretrained_cfg
                         (mean / std / input size / crop) the model was trained with
     model.safetensors   the backbone's state_dict only: the DRLoc heads are training state
-    README.md           model card: library_name timm, tags, the DRLoc training recipe and results
+    README.md           model card: library_name timm, tags, the DRLoc training recipe and results (card.py)
 
     >>> timm_drloc.export('output/train/run/model_best.pth.tar', 'export/run')
     >>> model = timm.create_model('local-dir:export/run', pretrained=True)
 
-Writing the folder and uploading it are timm's and huggingface_hub's own functions (`save_for_hf`,
-`generate_readme`, `HfApi`); this module decides what goes into them. Checkpoints are read with
-`torch.load(weights_only=True)` (allowing the argparse.Namespace timm's checkpoint saver stores), so a
-checkpoint whose pickle would run code is refused. The Hub token is read by huggingface_hub from
-HF_TOKEN or the `hf auth login` file; it is never passed through args, printed, or written anywhere.
+What is timm's here, and why the rest is not:
+* timm's: the folder's files (`save_for_hf`), the card's text (`generate_readme`, see card.py), reading the
+  checkpoint and rebuilding its model (`load_checkpoint_metadata`, `load_state_dict`, `resolve_model_input_args`,
+  see checkpoint.py), the wrappers stripped (`unwrap_model`).
+* `export` starts from a training checkpoint, which timm's exporters do not take, leaves the DRLoc heads out,
+  and writes the run's recipe and results into the card.
+* `push_to_hub` uploads a folder `export` wrote, not timm's `push_to_hf_hub`: that one writes into a temporary
+  folder (a failed upload loses the export; here it is kept for a later `hf upload`), uploads a pickled copy
+  of the weights beside the safetensors by default, and keeps a README already on the Hub (the card would not
+  show the new run).
+* `require_token` checks the token before any work (training, an export); timm's script finds a missing token
+  at the upload, after the training. The token is read by huggingface_hub from HF_TOKEN or the `hf auth login`
+  file; it is never passed through args, printed, or written anywhere.
 
-A training script adds the flags with `add_push_args(parser)`, calls `check_push_args(args)` before
-training (no token -> it refuses to start) and `push_after_training(args, output_dir, ...)` at the end.
+Training runs publish with `--push-to-hub` (timm_drloc.train.publish); `timm-drloc export` is `export_main`.
 """
 import argparse
-import csv
 import logging
-import math
 import os
 import shutil
 import sys
@@ -30,231 +35,23 @@ import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
-import torch
 import torch.nn as nn
 
-from .errors import ExitCode
+from .card import model_card, training_recipe
+from .checkpoint import checkpoint_model
+from .errors import ConfigError, ExitCode, SummaryError
+from .summary import SUMMARY_FILE, read_summary
 
 _logger = logging.getLogger(__name__)
 
-HUB_MODEL_CHOICES = ('best', 'last', 'ema')
 EXPORT_FILES = ('config.json', 'model.safetensors', 'README.md')
-DEFAULT_EXPORT_DIR = 'hub_export'
-
-PAPER_CITATION = """@inproceedings{liu2021efficient,
-  title={Efficient Training of Visual Transformers with Small Datasets},
-  author={Liu, Yahui and Sangineto, Enver and Bi, Wei and Sebe, Nicu and Lepri, Bruno and De Nadai, Marco},
-  booktitle={Advances in Neural Information Processing Systems (NeurIPS)},
-  year={2021}
-}"""
-
-_DESCRIPTION = (
-    "An image classification model trained with the Dense Relative Localization (DRLoc) auxiliary loss "
-    "(Liu et al., \"Efficient Training of Visual Transformers with Small Datasets\", NeurIPS 2021) with "
-    "timm-drloc. The DRLoc heads are used only during training: these weights are a plain timm model and "
-    "load without timm-drloc.")
+DEFAULT_EXPORT_DIR = 'hub_export'  # the export folder --push-to-hub writes in the experiment folder
+DATA_CONFIG_KEYS = ('input_size', 'img_size', 'mean', 'std', 'crop_pct', 'crop_mode', 'interpolation',
+                    'test_input_size', 'test_crop_pct')  # what config.json records of the preprocessing
 
 
 # ---------------------------------------------------------------------------------------------------------
-# reading training checkpoints
-
-def load_training_checkpoint(path: Union[str, Path]) -> Dict[str, Any]:
-    """Read a timm / timm-drloc training checkpoint safely.
-
-    Args:
-        path: a `.pth.tar` / `.pth` file written by timm's CheckpointSaver (or `torch.save` of a state
-            dict), or a `.safetensors` file.
-
-    Returns:
-        The checkpoint dict ('state_dict', 'args', 'epoch', ...) or {'state_dict': tensors} for a
-        bare state dict.
-
-    Raises:
-        FileNotFoundError: `path` is not a file.
-        ValueError: the file is truncated or corrupt, or its pickle holds objects other than tensors,
-            containers, plain values and argparse.Namespace (it could run code: it is not loaded).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"Checkpoint '{path}' does not exist (or is not a file). Pass the path of a "
-                                f"checkpoint written by training, e.g. output/train/<run>/model_best.pth.tar.")
-    if path.suffix == '.safetensors':
-        import safetensors.torch
-        try:
-            return {'state_dict': safetensors.torch.load_file(str(path), device='cpu')}
-        except Exception as e:
-            raise ValueError(f"Checkpoint '{path}' is not a readable safetensors file ({e}). "
-                             f"It may be truncated: export from an intact copy.") from e
-    from timm.utils import load_checkpoint_metadata
-    try:
-        checkpoint = load_checkpoint_metadata(str(path))
-    except Exception as e:
-        raise ValueError(_unreadable_message(path, e)) from e
-    if not isinstance(checkpoint, dict):
-        raise ValueError(f"Checkpoint '{path}' holds a {type(checkpoint).__name__}, not a dict of tensors or a "
-                         f"training checkpoint. Save the model's state_dict() instead of the module.")
-    if 'state_dict' not in checkpoint and checkpoint and all(torch.is_tensor(v) for v in checkpoint.values()):
-        checkpoint = {'state_dict': checkpoint}
-    return checkpoint
-
-
-def _unreadable_message(path: Path, error: Exception) -> str:
-    text = str(error)
-    if 'weights_only' in text or 'globals' in text.lower():
-        unsafe = ''
-        try:
-            found = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
-            unsafe = f" (it references {', '.join(found)})" if found else ''
-        except Exception:
-            pass
-        return (f"Refusing to load checkpoint '{path}': its pickle holds objects other than tensors and plain "
-                f"values{unsafe}, and loading them could run code. Only load checkpoints written by timm / "
-                f"timm-drloc training, or a safetensors file.")
-    return (f"Checkpoint '{path}' is truncated or corrupt and cannot be read ({type(error).__name__}: {text}). "
-            f"Export from an intact checkpoint (last.pth.tar, model_best.pth.tar or an older checkpoint-*.pth.tar).")
-
-
-def checkpoint_args(checkpoint: Dict[str, Any]) -> Dict[str, Any]:
-    """The training arguments saved in a checkpoint ('args', an argparse.Namespace or dict) as a dict."""
-    args = checkpoint.get('args')
-    if isinstance(args, argparse.Namespace):
-        return dict(vars(args))
-    return dict(args) if isinstance(args, dict) else {}
-
-
-def checkpoint_state_dict(checkpoint: Dict[str, Any], use_ema: bool = False, path: Any = '') -> Dict[str, torch.Tensor]:
-    """The backbone weights of a checkpoint: 'state_dict' (or 'state_dict_ema'), without DRLoc heads.
-
-    A DRLocModel's own state_dict ('model.*' backbone keys and 'heads.*' head keys) is accepted too.
-    """
-    from timm.models import clean_state_dict
-    key = 'state_dict_ema' if use_ema else 'state_dict'
-    state_dict = checkpoint.get(key)
-    if state_dict is None:
-        if use_ema:
-            raise ValueError(f"Checkpoint '{path}' has no EMA weights ('state_dict_ema'): the run was trained "
-                             f"without --model-ema. Export without --ema (use_ema=False).")
-        raise ValueError(f"Checkpoint '{path}' has no 'state_dict' entry (keys: {sorted(checkpoint)[:8]}). "
-                         f"Pass a checkpoint written by training or a saved model state_dict.")
-    state_dict = clean_state_dict(state_dict)
-    if any(k.startswith('heads.') for k in state_dict) and all(
-            k.startswith(('model.', 'heads.')) for k in state_dict):
-        state_dict = {k[len('model.'):]: v for k, v in state_dict.items() if k.startswith('model.')}
-    return state_dict
-
-
-def read_summary(experiment_dir: Union[str, Path]) -> List[Dict[str, str]]:
-    """The rows of `summary.csv` in a timm experiment folder ([] when there is none)."""
-    path = Path(experiment_dir) / 'summary.csv'
-    if not path.is_file():
-        return []
-    try:
-        with path.open(newline='') as f:
-            return list(csv.DictReader(f))
-    except (OSError, csv.Error, UnicodeDecodeError) as e:
-        _logger.warning(f"Could not read '{path}' ({e}); the model card will have no results.")
-        return []
-
-
-# ---------------------------------------------------------------------------------------------------------
-# building the model a checkpoint was trained as
-
-def _model_kwargs_from_args(args: Dict[str, Any], model_kwargs: Optional[Dict[str, Any]]) -> Dict[str, Any]:
-    kwargs = dict(args.get('model_kwargs') or {})
-    kwargs.update(model_kwargs or {})
-    input_size = args.get('input_size')
-    if args.get('in_chans') and 'in_chans' not in kwargs:
-        kwargs['in_chans'] = args['in_chans']
-    elif input_size and 'in_chans' not in kwargs:
-        kwargs['in_chans'] = input_size[0]
-    if args.get('gp') and 'global_pool' not in kwargs:
-        kwargs['global_pool'] = args['gp']
-    return kwargs
-
-
-def build_model(
-        model_name: str,
-        state_dict: Dict[str, torch.Tensor],
-        num_classes: Optional[int] = None,
-        model_kwargs: Optional[Dict[str, Any]] = None,
-        img_size: Optional[Sequence[int]] = None,
-        source: Any = '',
-) -> nn.Module:
-    """Create the timm model `model_name` and load `state_dict` into it (strict).
-
-    Args:
-        model_name: timm architecture name.
-        state_dict: backbone weights.
-        num_classes: classifier size (default: the model's default).
-        model_kwargs: extra `timm.create_model` arguments.
-        img_size: (H, W) the run's data size. Tried first as the `img_size` argument of models that take one
-            (ViT, Swin...), then without it (CNNs, and models built at their default size and run at another).
-        source: where the weights came from, for error messages.
-
-    Returns:
-        The model in eval mode.
-    """
-    kwargs = dict(model_kwargs or {})
-    if num_classes is not None:
-        kwargs['num_classes'] = int(num_classes)
-    candidates = [kwargs]
-    if img_size is not None and 'img_size' not in kwargs:
-        candidates.insert(0, dict(kwargs, img_size=tuple(img_size)))
-    create_error, load_error = None, None  # report the first model that built, else the last build error
-    for candidate in candidates:
-        try:
-            model = _create(model_name, candidate, source)
-        except ValueError as e:
-            create_error = e
-            continue
-        try:
-            model.load_state_dict(state_dict, strict=True)
-            return model.eval()
-        except RuntimeError as e:
-            if load_error is None:
-                first_lines = '\n'.join(str(e).splitlines()[:4])
-                load_error = ValueError(
-                    f"The weights in '{source}' do not fit {model_name} built with {candidate}: {first_lines}\n"
-                    f"Pass the --model, --num-classes and --model-kwargs (model_name, num_classes, model_kwargs) "
-                    f"the run was trained with.")
-    raise load_error or create_error
-
-
-def _create(model_name: str, kwargs: Dict[str, Any], source: Any) -> nn.Module:
-    """timm.create_model with its errors as ValueErrors that say which flags to fix."""
-    import timm
-    try:
-        return timm.create_model(model_name, **kwargs)
-    except RuntimeError as e:
-        if 'Unknown model' in str(e):
-            raise ValueError(f"Unknown model '{model_name}'. Pass the timm architecture the checkpoint was trained "
-                             f"as with --model (model_name=...); `timm.list_models()` lists them.") from e
-        raise
-    except TypeError as e:
-        raise ValueError(f"timm.create_model('{model_name}', **{kwargs}) failed: {e}. Pass the --model and "
-                         f"--model-kwargs (model_name, model_kwargs) the run in '{source}' was trained with.") from e
-
-
-def _classifier_size(model_name: str, state_dict: Dict[str, torch.Tensor]) -> Optional[int]:
-    """Number of classes read from the classifier weight's shape (None when it cannot be found)."""
-    from timm.models import get_pretrained_cfg_value
-    try:
-        classifier = get_pretrained_cfg_value(model_name, 'classifier')
-    except Exception:
-        return None
-    names = classifier if isinstance(classifier, (list, tuple)) else [classifier]
-    weight = state_dict.get(f'{names[0]}.weight') if names and names[0] else None
-    return int(weight.shape[0]) if weight is not None else None
-
-
-def _requested_img_size(args: Dict[str, Any]) -> Optional[tuple]:
-    if args.get('input_size'):
-        return tuple(args['input_size'][-2:])
-    size = args.get('img_size')
-    if size is None:
-        return None
-    return (size, size) if isinstance(size, int) else tuple(size)
-
+# the run a checkpoint comes from
 
 def training_data_config(model: nn.Module, args: Dict[str, Any]) -> Dict[str, Any]:
     """The preprocessing a run trained with (input_size, mean, std, crop_pct, interpolation, crop_mode),
@@ -264,156 +61,15 @@ def training_data_config(model: nn.Module, args: Dict[str, Any]) -> Dict[str, An
     return resolve_data_config({k: args[k] for k in keys if args.get(k) is not None}, model=model)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# model card
-
-def _schedule_text(args: Dict[str, Any]) -> str:
-    warmup = int(args.get('drloc_warmup_epochs') or 0)
-    decay = bool(args.get('drloc_decay'))
-    if not warmup and not decay:
-        return 'constant'
-    parts = [f'linear warm-up from 0 over {warmup} epochs'] if warmup else []
-    if decay:
-        parts.append('linear decay to 0 at the last epoch')
-    return ', then '.join(parts)
-
-
-def _dataset_name(args: Dict[str, Any]) -> Optional[str]:
-    dataset = args.get('dataset') or ''
-    if '/' in dataset:
-        dataset = dataset.split('/', 1)[1]  # 'torch/cifar10' -> 'cifar10'
-    if not dataset and args.get('data_dir'):
-        dataset = Path(str(args['data_dir'])).name  # only the folder name: no local paths in the card
-    return dataset or None
-
-
-def _summary_results(rows: List[Dict[str, str]], epoch: Optional[int]) -> Dict[str, str]:
-    """Top-1 / top-5 of the last epoch and of the exported checkpoint's epoch, from summary.csv rows."""
-    results = {}
-    rows = [r for r in rows if r.get('eval_top1') not in (None, '')]
-    if not rows:
-        return results
-
-    def fmt(row, key):
-        try:
-            return f"{float(row[key]):.2f}"
-        except (KeyError, TypeError, ValueError):
-            return None
-
-    last = rows[-1]
-    for key, label in (('eval_top1', 'Top-1'), ('eval_top5', 'Top-5')):
-        value = fmt(last, key)
-        if value is not None:
-            results[f"{label} (final epoch {last.get('epoch', '?')})"] = f'{value} %'
-    if epoch is not None:
-        match = [r for r in rows if str(r.get('epoch')) == str(epoch)]
-        if match and match[-1] is not last:
-            for key, label in (('eval_top1', 'Top-1'), ('eval_top5', 'Top-5')):
-                value = fmt(match[-1], key)
-                if value is not None:
-                    results[f"{label} (exported checkpoint, epoch {epoch})"] = f'{value} %'
-    return results
-
-
-def _lambda_reached(rows: Sequence[Dict[str, str]]) -> Optional[float]:
-    """The largest DRLoc lambda in summary.csv's drloc_lambda column (None without one)."""
-    values = []
-    for row in rows:
-        try:
-            value = float(row.get('drloc_lambda'))
-        except (TypeError, ValueError):
-            continue
-        if math.isfinite(value):
-            values.append(value)
-    return max(values) if values else None
-
-
-def training_recipe(
-        args: Dict[str, Any],
-        summary_rows: Sequence[Dict[str, str]] = (),
-        epoch: Optional[int] = None,
-        metric: Optional[float] = None,
-) -> Dict[str, Any]:
-    """The training recipe shown in the model card, from a run's saved arguments and summary.csv.
-
-    Only named fields are read (never the whole args), so nothing private reaches the card.
-    """
-    recipe: Dict[str, Any] = {}
-    dataset = _dataset_name(args)
-    if dataset:
-        recipe['Dataset'] = dataset
-    if args.get('epochs') is not None:
-        recipe['Epochs'] = args['epochs']
-    if args.get('drloc_lambda') is not None:
-        recipe['DRLoc lambda'] = args['drloc_lambda']
-    for key, label in (('drloc_mode', 'DRLoc mode'), ('drloc_samples', 'DRLoc samples per image')):
-        if args.get(key) is not None:
-            recipe[label] = args[key]
-    if args.get('drloc_lambda') is not None:
-        recipe['DRLoc lambda schedule'] = _schedule_text(args) if args['drloc_lambda'] else 'DRLoc off (lambda 0)'
-        reached = _lambda_reached(summary_rows)
-        if reached is not None and reached < args['drloc_lambda']:  # a warm-up as long as the run
-            recipe['DRLoc lambda reached'] = f"{reached:g} (the warm-up never reached {args['drloc_lambda']:g})"
-    if args.get('drloc_signed') is not None:
-        recipe['DRLoc offsets'] = 'signed' if args['drloc_signed'] else 'absolute (reference code)'
-    if args.get('drloc_normalize') is not None:
-        recipe['DRLoc targets'] = 'divided by the grid size' if args['drloc_normalize'] else 'grid offsets (reference code)'
-    if args.get('drloc_multiscale'):
-        recipe['DRLoc multi-scale'] = True
-    for key, label in (('opt', 'Optimizer'), ('lr', 'Learning rate'), ('sched', 'LR schedule'),
-                       ('batch_size', 'Batch size'), ('weight_decay', 'Weight decay')):
-        if args.get(key) is not None:
-            recipe[label] = args[key]
-    recipe.update(_summary_results(list(summary_rows), epoch))
-    if metric is not None and not any(k.startswith('Top-1') for k in recipe):
-        recipe['Eval metric of the exported checkpoint'] = metric
-    return recipe
-
-
-def model_card(
-        model: nn.Module,
-        recipe: Dict[str, Any],
-        data_config: Dict[str, Any],
-        repo_id: Optional[str] = None,
-        license: str = 'apache-2.0',
-) -> str:
-    """README.md text for an export: front matter (library_name timm, tags, license, dataset), model
-    details, the DRLoc training recipe, usage and the DRLoc paper citation. Built by timm's generate_readme."""
-    from timm.models._hub import generate_readme
-    architecture = model.pretrained_cfg.get('architecture', type(model).__name__)
-    source = f"hf-hub:{repo_id}" if repo_id else 'local-dir:/path/to/this/folder'
-    details = {
-        'Model Type': 'Image classification',
-        'Architecture': architecture,
-        'Params (M)': round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
-        'Image size': 'x'.join(str(s) for s in data_config.get('input_size', ())[-2:]),
-        'Training': 'DRLoc auxiliary loss (dense relative localization) + classification',
-        'Papers': {'DRLoc': 'https://arxiv.org/abs/2106.03746'},
-    }
-    if recipe.get('Dataset'):
-        details['Dataset'] = recipe['Dataset']
-    if recipe:
-        details['Training recipe'] = {k: v for k, v in recipe.items() if k != 'Dataset'}
-    usage = (
-        "```python\n"
-        "import timm\n"
-        "import torch\n\n"
-        f"model = timm.create_model('{source}', pretrained=True).eval()\n"
-        "data_config = timm.data.resolve_data_config({}, model=model)\n"
-        "transform = timm.data.create_transform(**data_config, is_training=False)\n"
-        "with torch.no_grad():\n"
-        "    probabilities = model(transform(image).unsqueeze(0)).softmax(-1)\n"
-        "```\n")
-    card = {
-        'tags': ['image-classification', 'timm', 'drloc'],
-        'library_name': 'timm',
-        'license': license,
-        'description': _DESCRIPTION,
-        'details': details,
-        'usage': usage,
-        'citation': PAPER_CITATION,
-    }
-    return generate_readme(card, repo_id.split('/')[-1] if repo_id else architecture)
+def _summary_rows(folder: Path) -> List[Dict[str, str]]:
+    """The summary.csv rows beside a checkpoint, for the card's results ([] without one)."""
+    if not (folder / SUMMARY_FILE).is_file():
+        return []
+    try:
+        return read_summary(str(folder))
+    except SummaryError as e:
+        _logger.warning(f"{e} The model card will have no results.")
+        return []
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -421,7 +77,6 @@ def model_card(
 
 def _plain_model(obj: nn.Module, use_ema: bool) -> nn.Module:
     """The timm backbone inside a DRLocTask / DRLocModel / EMA / DDP / compile wrapper."""
-    from timm.utils.model import unwrap_model
     from .model import unwrap
     from .task import DRLocTask
     if isinstance(obj, DRLocTask):
@@ -429,7 +84,7 @@ def _plain_model(obj: nn.Module, use_ema: bool) -> nn.Module:
         if obj is None:
             raise ValueError("The DRLocTask has no EMA model: call setup_ema() during training, or export with "
                              "use_ema=False.")
-    model = unwrap(unwrap_model(unwrap(obj)))
+    model = unwrap(obj)
     if not hasattr(model, 'pretrained_cfg'):
         raise ValueError(f"export() needs a timm model (made by timm.create_model); got {type(model).__name__}. "
                          f"Wrap a timm model, or export one of its training checkpoints.")
@@ -497,27 +152,13 @@ def export(
             raise ValueError(f"num_classes={num_classes} but the model has {model.num_classes} classes.")
     else:
         path = Path(model_or_checkpoint)
-        checkpoint = load_training_checkpoint(path)
-        args = checkpoint_args(checkpoint)
-        state_dict = checkpoint_state_dict(checkpoint, use_ema=use_ema, path=path)
-        model_name = model_name or args.get('model') or checkpoint.get('arch')
-        if not model_name or not isinstance(model_name, str):
-            raise ValueError(f"Checkpoint '{path}' does not record its model: pass the timm architecture with "
-                             f"--model NAME (model_name=...).")
-        if num_classes is None:
-            num_classes = args.get('num_classes') or _classifier_size(model_name, state_dict)
-        model = build_model(
-            model_name, state_dict, num_classes=num_classes,
-            model_kwargs=_model_kwargs_from_args(args, model_kwargs), img_size=_requested_img_size(args),
-            source=path)
-        epoch = checkpoint.get('epoch')
-        card_recipe = training_recipe(args, read_summary(path.parent), epoch, checkpoint.get('metric'))
+        model, args, checkpoint = checkpoint_model(path, model_name, num_classes, model_kwargs, use_ema)
+        card_recipe = training_recipe(args, _summary_rows(path.parent), checkpoint.get('epoch'),
+                                      checkpoint.get('metric'))
     model = model.eval()
     if data_config is None:
         data_config = training_data_config(model, args) if args else {}  # {}: timm uses the model's own
-    data_config = {k: v for k, v in data_config.items() if k in (
-        'input_size', 'img_size', 'mean', 'std', 'crop_pct', 'crop_mode', 'interpolation',
-        'test_input_size', 'test_crop_pct') and v is not None}
+    data_config = {k: v for k, v in data_config.items() if k in DATA_CONFIG_KEYS and v is not None}
     model_config: Dict[str, Any] = {}
     if label_names is not None:
         label_names = [str(n) for n in label_names]
@@ -595,56 +236,15 @@ def push_to_hub(
 
 
 # ---------------------------------------------------------------------------------------------------------
-# training-script integration
-
-def add_push_args(parser: Union[argparse.ArgumentParser, Any]) -> None:
-    """Add `--push-to-hub REPO_ID`, `--hub-private` and `--hub-model {best,last,ema}` to a parser or group.
-
-    There is deliberately no token flag: the token stays where huggingface_hub keeps it, out of args.yaml.
-    """
-    parser.add_argument('--push-to-hub', default=None, metavar='REPO_ID',
-                        help='at the end of training, export the model to timm\'s Hub format and upload it to this '
-                             'Hub repo (token: HF_TOKEN or `hf auth login`; checked before training starts)')
-    parser.add_argument('--hub-private', action='store_true', default=False,
-                        help='create the --push-to-hub repo private')
-    parser.add_argument('--hub-model', default='best', choices=HUB_MODEL_CHOICES,
-                        help='which weights --push-to-hub uploads: model_best, last, or the EMA weights of last '
-                             '(default: best)')
-
-
-def check_push_args(args: argparse.Namespace) -> None:
-    """Check `--push-to-hub` settings before training starts, so a run does not fail after hours.
-
-    Reads `args.push_to_hub` (repo id or None/''), `args.hub_model` ('best' | 'last' | 'ema', default
-    'best') and `args.model_ema` (needed for 'ema'). Does nothing when `push_to_hub` is empty. The token
-    is looked up (HF_TOKEN, `hf auth login`) but not kept, printed or stored in `args`.
-
-    Raises:
-        ValueError: bad repo id, bad `hub_model`, 'ema' without `model_ema`, or no Hub token available.
-    """
-    repo_id = getattr(args, 'push_to_hub', None)
-    if not repo_id:
-        return
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-    try:
-        validate_repo_id(repo_id)
-    except HFValidationError as e:
-        raise ValueError(f"--push-to-hub '{repo_id}' is not a Hub repo id ({e}). Use 'user/name'.") from e
-    hub_model = getattr(args, 'hub_model', None) or 'best'
-    if hub_model not in HUB_MODEL_CHOICES:
-        raise ValueError(f"--hub-model '{hub_model}' is not one of {', '.join(HUB_MODEL_CHOICES)}.")
-    if hub_model == 'ema' and not getattr(args, 'model_ema', False):
-        raise ValueError("--hub-model ema needs EMA weights: add --model-ema, or use --hub-model best/last.")
-    require_token(repo_id, 'Training was not started.')
-
+# the token
 
 def require_token(repo_id: str, consequence: str = '') -> None:
-    """Raise a ValueError when huggingface_hub finds no token (HF_TOKEN, `hf auth login`) or the Hub rejects it
+    """Raise a ConfigError when huggingface_hub finds no token (HF_TOKEN, `hf auth login`) or the Hub rejects it
     (checked with whoami); warn when it cannot be checked (no network). The token is not kept or shown."""
     from huggingface_hub import HfApi, get_token
     from huggingface_hub.errors import HfHubHTTPError
     if not get_token():
-        raise ValueError(
+        raise ConfigError(
             f"--push-to-hub {repo_id} needs a Hugging Face token and none was found. Set the HF_TOKEN "
             f"environment variable or run `hf auth login` (huggingface-cli login) first, or drop --push-to-hub "
             f"and upload later. {consequence}".rstrip())
@@ -652,7 +252,7 @@ def require_token(repo_id: str, consequence: str = '') -> None:
         HfApi().whoami()
     except HfHubHTTPError as e:
         if getattr(e.response, 'status_code', None) == 401:
-            raise ValueError(
+            raise ConfigError(
                 f"--push-to-hub {repo_id}: the Hub rejects the Hugging Face token (401 Unauthorized: invalid or "
                 f"expired). Set a valid HF_TOKEN (it wins over `hf auth login`) or log in again with "
                 f"`hf auth login --force`. {consequence}".rstrip()) from None
@@ -665,75 +265,6 @@ def _token_unverified(repo_id: str, error: Exception) -> None:
     _logger.warning(f"--push-to-hub {repo_id}: the Hugging Face token could not be verified now "
                     f"({type(error).__name__}: the Hub did not answer); going on, but the upload at the end may "
                     f"fail (the export would then be kept for a later upload).")
-
-
-def _is_rank_zero(args: argparse.Namespace) -> bool:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank() == 0
-    return int(getattr(args, 'rank', 0) or 0) == 0
-
-
-def hub_checkpoint(output_dir: Union[str, Path], hub_model: str = 'best') -> Path:
-    """The checkpoint `--hub-model` names in an experiment folder: model_best.pth.tar for 'best' (last.pth.tar
-    when the run saved no best), last.pth.tar for 'last' and 'ema' (whose EMA weights are exported)."""
-    output_dir = Path(output_dir)
-    best, last = output_dir / 'model_best.pth.tar', output_dir / 'last.pth.tar'
-    if hub_model == 'best' and best.is_file():
-        return best
-    return last
-
-
-def push_after_training(
-        args: argparse.Namespace,
-        output_dir: Union[str, Path],
-        checkpoint_path: Optional[Union[str, Path]] = None,
-        data_config: Optional[Dict[str, Any]] = None,
-        class_names: Optional[Sequence[str]] = None,
-) -> int:
-    """At the end of training (all ranks may call; only rank 0 works): export, then upload.
-
-    Reads from `args`: `push_to_hub` (repo id; nothing happens when empty), `hub_private`, `hub_model`
-    ('best' | 'last' | 'ema'), and, through the checkpoint's saved args, `model`, `num_classes`,
-    `model_kwargs`, `img_size` / `input_size`, `dataset`, `epochs` and the `drloc_*` settings for the card.
-    `rank` (or torch.distributed) decides rank 0.
-
-    Args:
-        args: the training arguments.
-        output_dir: the experiment folder (summary.csv, last.pth.tar, model_best.pth.tar).
-        checkpoint_path: the checkpoint to export; default: picked by `args.hub_model` (see hub_checkpoint).
-        data_config: the training preprocessing (timm's resolved data_config); default: from the checkpoint.
-        class_names: class names in index order (e.g. the train dataset's classes), for config.json.
-
-    Returns:
-        ExitCode.OK on success (or nothing to do), EXPORT_FAILED or UPLOAD_FAILED. The
-        checkpoints are only read; on failure the export folder, when written, is kept and logged.
-    """
-    repo_id = getattr(args, 'push_to_hub', None)
-    if not repo_id or not _is_rank_zero(args):
-        return ExitCode.OK
-    hub_model = getattr(args, 'hub_model', None) or 'best'
-    output_dir = Path(output_dir)
-    checkpoint = Path(checkpoint_path) if checkpoint_path else hub_checkpoint(output_dir, hub_model)
-    if hub_model == 'best' and checkpoint.name == 'last.pth.tar':
-        _logger.info(f"No model_best.pth.tar in '{output_dir}' (no eval metric): uploading last.pth.tar.")
-    folder = output_dir / DEFAULT_EXPORT_DIR
-    try:
-        export(checkpoint, folder, data_config=data_config, label_names=class_names, overwrite=True,
-               use_ema=hub_model == 'ema', repo_id=repo_id)
-    except Exception as e:
-        _logger.error(f"Export of '{checkpoint}' for the Hub failed: {e}. The checkpoints are unchanged; "
-                      f"export them later with `timm-drloc export {checkpoint} OUT_DIR --push-to-hub {repo_id}`.")
-        return ExitCode.EXPORT_FAILED
-    try:
-        url = push_to_hub(folder, repo_id, private=bool(getattr(args, 'hub_private', False)))
-    except Exception as e:
-        _logger.error(
-            f"Upload to the Hub repo '{repo_id}' failed ({type(e).__name__}: {e}). The export is kept in "
-            f"'{folder}' and the checkpoints are unchanged; upload it later with "
-            f"`hf upload {repo_id} {folder}` or timm_drloc.push_to_hub('{folder}', '{repo_id}').")
-        return ExitCode.UPLOAD_FAILED
-    _logger.info(f"Uploaded the {hub_model} model to {url} (export kept in '{folder}').")
-    return ExitCode.OK
 
 
 # ---------------------------------------------------------------------------------------------------------

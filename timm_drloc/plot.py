@@ -6,14 +6,14 @@ loss, eval top-1 and the DRLoc lambda. A plain timm run has no DRLoc columns; it
 so instead of drawing nothing.
 """
 import argparse
-import csv
 import math
 import os
 import sys
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
-SUMMARY = 'summary.csv'
+from .errors import ExitCode, SummaryError
+from .summary import SUMMARY_FILE, read_summary
 
 # (column, panel title); the DRLoc columns are the ones train_drloc.py adds to timm's
 PANELS = (
@@ -41,27 +41,19 @@ class Experiment:
         return self.columns.get('epoch') or list(range(len(next(iter(self.columns.values()), []))))
 
 
-def read_summary(folder: str, name: Optional[str] = None) -> Experiment:
-    """Read `folder/summary.csv`.
+def read_experiment(folder: str, name: Optional[str] = None) -> Experiment:
+    """The columns of `folder/summary.csv` as numbers, named `name` (default: the folder's name).
 
     Raises:
-        ValueError: the folder does not exist, has no summary.csv, or the file has no rows.
+        SummaryError: the folder does not exist, has no summary.csv, or the file has no rows.
     """
-    path = os.path.join(folder, SUMMARY)
     if not os.path.isdir(folder):
-        raise ValueError(f"'{folder}' is not a folder. Pass experiment folders (OUTPUT/EXPERIMENT) that hold a {SUMMARY}.")
-    if not os.path.isfile(path):
-        raise ValueError(
-            f"'{folder}' has no {SUMMARY}. Pass the experiment folder that train_drloc.py / timm's train.py "
-            f"wrote (it holds {SUMMARY} after the first epoch).")
-    try:
-        with open(path, newline='') as f:
-            rows = list(csv.DictReader(f))
-    except (UnicodeDecodeError, csv.Error) as e:
-        raise ValueError(f"'{path}' is not a readable summary.csv ({type(e).__name__}: it holds binary or damaged "
-                         f"data). Pass an experiment folder written by train_drloc.py / timm's train.py.") from None
+        raise SummaryError(f"'{folder}' is not a folder. Pass experiment folders (OUTPUT/EXPERIMENT) that hold a "
+                           f"{SUMMARY_FILE}.")
+    rows = read_summary(folder)
     if not rows:
-        raise ValueError(f"'{path}' has a header but no epoch rows yet: wait for the first epoch to finish.")
+        raise SummaryError(f"'{os.path.join(folder, SUMMARY_FILE)}' has a header but no epoch rows yet: wait for the "
+                           f"first epoch to finish.")
     columns = {key: [_to_float(row.get(key)) for row in rows] for key in rows[0] if key}
     return Experiment(name or os.path.basename(os.path.normpath(folder)), folder, columns)
 
@@ -134,15 +126,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     if args.names is not None and len(args.names) != len(args.experiments):
         print(f"timm-drloc plot: {len(args.names)} --names for {len(args.experiments)} folders; give one name per folder.", file=sys.stderr)
-        return 2
+        return ExitCode.BAD_INPUT
     names = args.names or [None] * len(args.experiments)
     try:
-        experiments = [read_summary(folder, name) for folder, name in zip(args.experiments, names)]
-    except ValueError as e:
+        experiments = [read_experiment(folder, name) for folder, name in zip(args.experiments, names)]
+    except SummaryError as e:
         print(f'timm-drloc plot: {e}', file=sys.stderr)
-        return 2
+        return ExitCode.BAD_INPUT
     print(f'wrote {plot_experiments(experiments, args.output, args.title)}')
-    return 0
+    return ExitCode.OK
 
 
 if __name__ == '__main__':

@@ -11,8 +11,6 @@ loss. Eval model, checkpoint `state_dict` and evaluator stay the base task's; th
 heads beside the base task's own (a feature projection).
 """
 import logging
-import math
-import numbers
 from typing import Any, Callable, Dict, Optional, Sequence, Union
 
 import torch
@@ -22,39 +20,10 @@ from timm.task.classification import resolve_classification_loss
 
 from .errors import ConfigError
 from .model import DRLocModel, DRLocOutput, wrap
+from .settings import check_settings
 from .trainable import DRLocTrainableModule, attach, check_base_task, find_inside
 
 _logger = logging.getLogger(__name__)
-
-
-def drloc_lambda_at(
-        epoch: float,
-        base: float,
-        num_epochs: int,
-        warmup_epochs: int = 0,
-        decay: bool = False,
-) -> float:
-    """DRLoc weight at `epoch` (0-based).
-
-    Constant `base` by default. With `warmup_epochs` it ramps linearly from 0 at epoch 0 to `base` at
-    `warmup_epochs`; with `decay` it then falls linearly to 0 at `num_epochs`. Warm-up 20 with decay is
-    the reference code's schedule.
-    """
-    if warmup_epochs > 0 and epoch < warmup_epochs:
-        return base * epoch / warmup_epochs
-    if decay:
-        remaining = max(num_epochs - warmup_epochs, 1)
-        return max(base * (1.0 - (epoch - warmup_epochs) / remaining), 0.0)
-    return base
-
-
-def check_drloc_lambda(value: float) -> float:
-    """`value` as a float when it is a finite number >= 0 (an infinite weight turns every weight into NaN)."""
-    if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
-        raise ValueError(
-            f"DRLoc lambda must be a finite number >= 0, got {value!r}. Use 0 to turn DRLoc off; "
-            f"the paper uses 0.5 for Swin and 0.1 for T2T / CvT.")
-    return float(value)
 
 
 HEADS_KEY = 'drloc_heads'  # the heads' entry in the task state
@@ -133,7 +102,7 @@ class DRLocTask(TrainingTask):
             device = device if device is not None else base_task.device
             dtype = dtype if dtype is not None else base_task.dtype
         super().__init__(device=device, dtype=dtype, verbose=verbose)
-        self.drloc_lambda = check_drloc_lambda(drloc_lambda)
+        self.set_drloc_lambda(drloc_lambda)
         drloc = wrap(
             model, mode=mode, num_samples=num_samples, multiscale=multiscale, use_abs=use_abs,
             normalize=normalize, hidden_dim=hidden_dim, layers=layers, layout=layout, input_size=input_size,
@@ -154,8 +123,9 @@ class DRLocTask(TrainingTask):
                 f"abs={use_abs}, normalize={normalize}, compile_head={compile_head}, grids: {grids}")
 
     def set_drloc_lambda(self, value: float) -> None:
-        """Set the DRLoc weight (the training loop calls this each epoch for a schedule)."""
-        self.drloc_lambda = check_drloc_lambda(value)
+        """Set the DRLoc weight, a finite number >= 0 (the training loop calls this each epoch for a schedule)."""
+        check_settings(drloc_lambda=value)
+        self.drloc_lambda = float(value)
 
     def prepare_distributed(self, device_ids: Optional[list] = None, **ddp_kwargs) -> 'DRLocTask':
         """Wrap the trainable module (backbone + heads, and the base task's extras) in DistributedDataParallel.

@@ -35,7 +35,8 @@ import torch.nn as nn
 from timm.task import TrainingTask
 
 from .errors import ConfigError
-from .model import DRLocModel, GridReader, WrapsModel, drloc_loss
+from .grids import GridReader, Route
+from .model import DRLocModel, WrapsModel, drloc_loss
 
 
 class DRLocTrainableModule(WrapsModel):
@@ -126,7 +127,7 @@ def attach(base_task: TrainingTask, drloc: DRLocModel) -> DRLocTrainableModule:
     Raises:
         ConfigError: the student's grid is read with forward_intermediates(), a pass of its own.
     """
-    if drloc.reader is None:
+    if drloc.route != Route.HOOKS:
         names = [s.name for s in drloc.sources]
         raise ConfigError(
             f"{type(drloc.model).__name__}'s grid is read with forward_intermediates() ({names}), a forward pass of "

@@ -1,0 +1,67 @@
+"""timm_drloc.settings: each DRLoc setting declared once, as a keyword, a flag, a default and a rule."""
+import argparse
+import inspect
+
+import pytest
+
+from timm_drloc import DRLocTask, wrap
+from timm_drloc.errors import ConfigError, SettingError
+from timm_drloc.settings import (
+    SETTINGS, add_drloc_args, check_settings, drloc_kwargs, drloc_lambda_for_epoch, ignored_drloc_flags)
+
+
+def _args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_drloc_args(parser)
+    return parser.parse_args(list(argv))
+
+
+def _defaults(func) -> dict:
+    return {name: p.default for name, p in inspect.signature(func).parameters.items()
+            if p.default is not inspect.Parameter.empty}
+
+
+def test_each_flag_default_is_the_keyword_default_of_wrap_and_drloc_task():
+    keywords = drloc_kwargs(_args('--drloc-lambda', '0.5'))  # every flag at its default, DRLoc on
+    wrap_defaults, task_defaults = _defaults(wrap), _defaults(DRLocTask.__init__)
+    for keyword, value in keywords.items():
+        assert keyword in task_defaults, f'{keyword} is no DRLocTask keyword'
+        if keyword != 'drloc_lambda':  # the flag's 0 means off; the task's default is the paper's 0.5
+            assert value == wrap_defaults[keyword] == task_defaults[keyword], keyword
+
+
+def test_flags_map_to_keywords_and_lambda_0_means_no_drloc():
+    assert drloc_kwargs(_args('--drloc-signed', '--drloc-samples', '16')) is None
+    keywords = drloc_kwargs(_args('--drloc-lambda', '0.5', '--drloc-signed', '--drloc-samples', '16',
+                                  '--drloc-layers', 'blocks.1', 'blocks.3'))
+    assert (keywords['use_abs'], keywords['num_samples'], keywords['layers']) == (False, 16, ['blocks.1', 'blocks.3'])
+    assert 'warmup_epochs' not in keywords and 'decay' not in keywords  # the schedule is not a task keyword
+
+
+def test_a_rule_reads_in_keywords_for_the_library_and_in_flags_for_the_command_line():
+    with pytest.raises(SettingError) as library:
+        check_settings(mode='ce', normalize=True)
+    assert str(library.value).startswith("normalize has no meaning with mode 'ce'")
+    with pytest.raises(ConfigError) as command_line:
+        drloc_kwargs(_args('--drloc-lambda', '0.5', '--drloc-mode', 'ce', '--drloc-normalize'))
+    assert str(command_line.value).startswith("--drloc-normalize has no meaning with --drloc-mode 'ce'")
+
+
+@pytest.mark.parametrize('keyword, value', [('num_samples', 0), ('hidden_dim', 2.5), ('drloc_lambda', float('inf')),
+                                            ('warmup_epochs', -1), ('mode', 'l2'), ('layers', ['a', 'a'])])
+def test_each_bad_value_is_a_value_error_naming_the_setting_and_the_value(keyword, value):
+    with pytest.raises(ValueError) as exc:
+        check_settings(**{keyword: value})
+    assert exc.value.setting == keyword and repr(value if keyword != 'layers' else ['a']) in str(exc.value)
+
+
+def test_the_lambda_schedule_follows_the_flags():
+    args = _args('--drloc-lambda', '0.5', '--drloc-warmup-epochs', '2', '--drloc-decay')
+    assert [drloc_lambda_for_epoch(args, e, 4) for e in range(4)] == [0.0, 0.25, 0.5, 0.25]
+
+
+def test_flags_given_without_lambda_are_named_as_ignored():
+    assert ignored_drloc_flags(_args('--drloc-multiscale', '--drloc-samples', '16')) == [
+        '--drloc-samples', '--drloc-multiscale']
+    assert ignored_drloc_flags(_args('--drloc-lambda', '0.5', '--drloc-multiscale')) == []
+    assert {s.flag for s in SETTINGS} >= {'--drloc-lambda', '--drloc-layers', '--drloc-decay'}

@@ -1,0 +1,4 @@
+"""`python -m timm_drloc.train ...`: the same as train_drloc.py."""
+from . import run
+
+run()

@@ -1,0 +1,226 @@
+"""Bad input is refused before anything is built, in two passes, each in one place:
+
+* `check_flags(args)`: the flags themselves (values, ranges, combinations), right after parsing; it also
+  completes them as timm 1.0.31 does (the old loss switches folded into --loss, the eval metric named), so
+  args.yaml records what the run does;
+* `check_inputs(args)`: what the flags point at (the output folder, checkpoint files, the Hub token, the
+  device, the data's split folders), before the process starts its device.
+
+Both raise ConfigError naming the flag, the value and the fix. What needs the model or the data to be known
+(a model without a grid, data with other classes) is refused while building, still before any training step.
+"""
+import argparse
+import importlib
+import logging
+import math
+import os
+from typing import Optional, Tuple
+
+import torch
+from timm import utils
+from timm.task.evaluator import ClassificationEvaluator, MultiLabelClassificationEvaluator
+
+from timm_drloc.errors import ConfigError
+from timm_drloc.settings import check_drloc_args, ignored_drloc_flags
+
+from .build import is_folder_dataset, mixup_active, split_folders, train_loss
+from .checkpoints import check_checkpoint_file
+from .publish import check_push_args
+
+_logger = logging.getLogger('train_drloc')
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    """Refuse flag values and combinations that cannot work; fold --bce-loss / --jsd-loss / --bce-pos-weight into
+    --loss / --loss-pos-weight and name the --eval-metric, as timm 1.0.31 does.
+
+    Raises:
+        ConfigError: the first problem found, naming the flag, the value and the fix.
+    """
+    check_drloc_args(args)
+    _check_numbers(args)
+    _check_loss(args)
+    _check_combinations(args)
+    args.eval_metric = eval_metric(args)  # args.yaml names it: timm's train.py, given it with -c, needs a name
+    _warn_ignored(args)
+
+
+def eval_metric(args: argparse.Namespace) -> str:
+    """--eval-metric, or the default metric of the task's evaluator (top1; map with --task multilabel)."""
+    evaluator_cls = MultiLabelClassificationEvaluator if args.task == 'multilabel' else ClassificationEvaluator
+    metric = args.eval_metric or evaluator_cls.default_metric
+    if metric not in evaluator_cls.metric_names:
+        raise ConfigError(f'--eval-metric {metric} is not reported by {args.task} evaluation; use one of '
+                          f'{", ".join(evaluator_cls.metric_names)}')
+    return metric
+
+
+def _check_numbers(args: argparse.Namespace) -> None:
+    """timm's number flags that would fail mid-run (or train on nonsense) outside their range."""
+    if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
+        raise ConfigError(f'--lr must be a finite number > 0, got {args.lr}; e.g. --lr 1e-3, or leave it out to scale '
+                          f'--lr-base to the batch size')
+    at_least = (
+        ('--epochs', args.epochs, 1, 'epochs to train'),
+        ('-b/--batch-size', args.batch_size, 1, 'images per step and process'),
+        ('-vb/--validation-batch-size', args.validation_batch_size, 1, 'images per eval step'),
+        ('--log-interval', args.log_interval, 1, 'updates between log lines'),
+        ('--checkpoint-hist', args.checkpoint_hist, 1, 'epoch checkpoints kept besides last and model_best'),
+        ('-j/--workers', args.workers, 0, 'data loader processes; 0 loads in the main process'),
+        ('--img-size', args.img_size, 1, 'input size in pixels'),
+        ('--start-epoch', args.start_epoch, 0, 'the epoch to count from'),
+    )
+    for flag, value, low, meaning in at_least:
+        if value is not None and value < low:
+            raise ConfigError(f'{flag} must be >= {low} ({meaning}), got {value}')
+    if args.val_interval < 1:
+        raise ConfigError(f'--val-interval must be >= 1, got {args.val_interval}')
+    if args.max_nonfinite_steps < 1:
+        raise ConfigError(f'--max-nonfinite-steps must be >= 1, got {args.max_nonfinite_steps}; it counts non-finite '
+                          f'steps in a row that stop the run (default 10)')
+    if args.input_size is not None and min(args.input_size) < 1:
+        raise ConfigError(f'--input-size takes C H W, each >= 1, got {args.input_size}')
+    if args.stop_epoch is not None and args.stop_epoch < 1:
+        raise ConfigError(f'--stop-epoch {args.stop_epoch} is out of range: it counts completed epochs, use >= 1')
+    if args.save_epochs and min(args.save_epochs) < 1:
+        raise ConfigError(f'--save-epochs counts completed epochs, so each must be >= 1, got {args.save_epochs}')
+    if not 0 <= args.smoothing < 1:
+        raise ConfigError(f'--smoothing is the share of the target spread over the other classes, so it must be in '
+                          f'[0, 1), got {args.smoothing}; timm uses 0.1')
+    if args.std is not None and not all(math.isfinite(v) and v > 0 for v in args.std):
+        raise ConfigError(f'--std divides each channel, so every value must be a finite number > 0, got {args.std}')
+    if mixup_active(args):
+        odd = [b for b in [args.batch_size, *(args.train_batch_sizes or [])] if b % 2]
+        if odd:
+            raise ConfigError(f'mixup / cutmix mix each image of a batch with another one, so batch sizes must be '
+                              f'even, got {odd[0]}; use {odd[0] + 1}')
+
+
+def _check_loss(args: argparse.Namespace) -> None:
+    """The task and loss flags, folded as timm 1.0.31 folds them, and checked by building the loss once."""
+    multi_label = args.task == 'multilabel'
+    if args.target_format == 'multihot' and not multi_label:
+        raise ConfigError('--target-format multihot holds one 0/1 value per class, which is a multi-label target: '
+                          'add --task multilabel')
+    if multi_label and args.kd_model_name:
+        raise ConfigError('--kd-model-name distills single-label logits; it cannot be combined with --task multilabel')
+    for switch, loss in (('--bce-loss', 'bce'), ('--jsd-loss', 'jsd')):
+        if getattr(args, switch[2:].replace('-', '_')):
+            if args.loss not in (None, loss):
+                raise ConfigError(f'{switch} means --loss {loss}, but --loss {args.loss} is given too; keep one of '
+                                  f'them')
+            args.loss = loss
+    if args.bce_pos_weight is not None:
+        if args.loss_pos_weight not in (None, str(args.bce_pos_weight)):  # equal when re-read from args.yaml
+            raise ConfigError('--bce-pos-weight and --loss-pos-weight set the same weight; keep --loss-pos-weight')
+        args.loss_pos_weight = str(args.bce_pos_weight)
+    try:
+        train_loss(args)
+    except (ValueError, OSError) as e:
+        raise ConfigError(f'loss flags: {e}') from e
+
+
+def _check_combinations(args: argparse.Namespace) -> None:
+    """Flags that cannot work together, or that timm would ignore without a word."""
+    naflex, splits = args.naflex_loader, args.aug_splits
+    refused = (
+        (naflex and args.train_img_sizes is not None,
+         '--naflex-loader and --train-img-sizes are two different loaders; choose one'),
+        (naflex and args.use_multi_epochs_loader,
+         '--use-multi-epochs-loader does not work with --naflex-loader; drop one of them'),
+        (naflex and splits > 1, '--aug-splits does not work with --naflex-loader; drop one of them'),
+        (naflex and args.naflex_patch_sizes and args.naflex_patch_size_probs and
+         len(args.naflex_patch_size_probs) != len(args.naflex_patch_sizes),
+         '--naflex-patch-size-probs needs one value per --naflex-patch-sizes entry'),
+        (args.resume == 'auto' and not args.experiment,
+         '--resume auto continues in place in the experiment folder: give it with --experiment NAME'),
+        (splits == 1, '--aug-splits 1 makes no split; use 0 (off) or 2 and more'),
+        (args.split_bn and splits <= 1 and not args.resplit, '--split-bn needs --aug-splits 2 or more (or --resplit)'),
+        (not naflex and mixup_active(args) and not args.no_prefetcher and splits > 1,
+         'mixup/cutmix with --aug-splits needs --no-prefetcher'),
+        (args.torchscript and args.sync_bn, '--torchscript cannot script SyncBatchNorm; drop --sync-bn'),
+        (bool(args.model_dtype) and args.model_dtype not in ('float32', 'float16', 'bfloat16'),
+         f'--model-dtype {args.model_dtype} is not float32, float16 or bfloat16'),
+        (args.amp and args.amp_dtype not in ('float16', 'bfloat16'),
+         f'--amp-dtype {args.amp_dtype} is not float16 or bfloat16'),
+        (args.amp and args.model_dtype not in (None, 'float32'),
+         f'--amp needs a float32 model, got --model-dtype {args.model_dtype}; drop one of them'),
+        (args.log_wandb and args.wandb_resume_id and not args.resume,
+         '--wandb-resume-id continues a wandb run, which needs --resume'),
+    )
+    for wrong, message in refused:
+        if wrong:
+            raise ConfigError(message)
+
+
+def _warn_ignored(args: argparse.Namespace) -> None:
+    """Flags given that will have no effect: said once, at the start."""
+    ignored = ignored_drloc_flags(args)
+    if ignored:
+        _logger.warning(f'{", ".join(ignored)} given but --drloc-lambda is 0, so DRLoc is off and they have no '
+                        f'effect; set --drloc-lambda (e.g. 0.5) to train with DRLoc')
+    if args.drop_connect is not None:
+        _logger.warning('--drop-connect is an old name that timm models no longer read; use --drop-path '
+                        f'{args.drop_connect} for stochastic depth')
+    if args.local_rank and 'LOCAL_RANK' not in os.environ:
+        _logger.warning('--local_rank is set by old launchers only; the rank is read from the torchrun environment')
+
+
+def check_inputs(args: argparse.Namespace) -> Tuple[Optional[str], Optional[str]]:
+    """The folders, files, token and device the flags point at; returns the split folders a folder dataset
+    reads (train, eval), (None, None) for other datasets.
+
+    Raises:
+        ConfigError: naming the flag, what was found and what to give instead.
+    """
+    _check_output(args)
+    if args.resume and args.resume != 'auto':
+        check_checkpoint_file('--resume', args.resume)
+    numpy_weights = os.path.splitext(args.initial_checkpoint)[1].lower() in ('.npz', '.npy')  # model-specific
+    if args.initial_checkpoint and not numpy_weights:
+        check_checkpoint_file('--initial-checkpoint', args.initial_checkpoint)
+    check_push_args(args)  # no token: refuse now, not after hours of training
+    for module in args.device_modules or ():
+        importlib.import_module(module)
+    if args.device.startswith('cuda') and not torch.cuda.is_available():
+        raise ConfigError(f'--device {args.device} but no CUDA device is available; pass --device cpu')
+    return _check_data_dir(args)
+
+
+def _check_output(args: argparse.Namespace) -> None:
+    """The experiment folder must be one this process can create and write in (a file in its place, or a folder
+    without write permission, would fail at the first checkpoint, after an epoch of work)."""
+    flag = f'--output {args.output}' if args.output else 'the default output folder'
+    target = os.path.abspath(os.path.join(args.output or './output/train', args.experiment))
+    existing = target
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ConfigError(f'{flag}: {existing} is a file, not a folder; pass --output a folder to hold the '
+                          f'experiment folders')
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f'{flag}: cannot write in {existing} (permission denied); pass --output a folder you can '
+                          f'write in')
+
+
+def _check_data_dir(args: argparse.Namespace) -> Tuple[Optional[str], Optional[str]]:
+    """A folder dataset's root must exist and hold the split folders the run reads. With no data dir given at
+    all, the error comes once the model is built (build_datasets), as in timm's train.py, whose own tests build a
+    model without data."""
+    if args.data and not args.data_dir:
+        args.data_dir = args.data
+    if not is_folder_dataset(args) or not args.data_dir:
+        return None, None
+    if not os.path.exists(args.data_dir):
+        raise ConfigError(f'data dir {args.data_dir!r} does not exist; pass the dataset root with --data-dir, '
+                          f'holding {args.train_split}/ and {args.val_split}/ class folders')
+    if not os.path.isdir(args.data_dir):
+        return None, None  # a .tar of images: no split folders
+    return split_folders(args)
+
+
+def log_split_folders(args: argparse.Namespace, folders: Tuple[Optional[str], Optional[str]]) -> None:
+    """Name the split folders the run reads, in the log of the primary process."""
+    train_dir, val_dir = folders
+    if train_dir is not None and utils.is_primary(args):
+        _logger.info(f'Data: training on {train_dir}, validating on {val_dir or "nothing (--val-split is empty)"}.')
