@@ -73,7 +73,7 @@ for MODEL in $CHECK_MODELS; do
         --device cpu --no-prefetcher --workers 0 -b 8 --epochs 1 --lr 1e-3 --opt adamw --log-interval 1 \
         --output "$OUT" --experiment "$MODEL" --drloc-lambda 0.5 --drloc-hidden-dim 64 --drloc-warmup-epochs 0 \
         > "$WORK/$MODEL.log" 2>&1) || { tail -30 "$WORK/$MODEL.log" >&2; fail "train.py exited non-zero for $MODEL"; }
-    grep -h "DRLocTask:" "$WORK/$MODEL.log" | sed 's/^/   /' || fail "train.py did not log the DRLocTask set-up for $MODEL"
+    grep -hE "DRLocTask( over [A-Za-z]+)?:" "$WORK/$MODEL.log" | sed 's/^/   /' || fail "train.py did not log the DRLocTask set-up for $MODEL"
 
     step "checking $OUT/$MODEL"
     "$PYTHON" - "$OUT/$MODEL" <<'EOF' || fail "outputs of $MODEL are not what a DRLoc run writes"
@@ -100,4 +100,30 @@ print(f"   last.pth.tar: state_dict {len(ckpt['state_dict'])} tensors (plain tim
       f"task_state['drloc_heads'] {len(heads)} tensors")
 EOF
 done
-step "OK: the patch applies to $TRAIN_PY and trains with DRLoc ($CHECK_MODELS)"
+TEACHER_MODEL=${CHECK_MODELS%% *}
+step "distillation + DRLoc: $TEACHER_MODEL's checkpoint exported (timm-drloc export) as the teacher of a ViT"
+"$PYTHON" -m timm_drloc.cli export "$WORK/output/$TEACHER_MODEL/last.pth.tar" "$WORK/teacher" > "$WORK/export.log" 2>&1 \
+    || { tail -20 "$WORK/export.log" >&2; fail "timm-drloc export failed for $TEACHER_MODEL"; }
+(cd "$WORK" && "$PYTHON" train.py data --model vit_tiny_patch16_224 --model-kwargs img_size=64 depth=2 --img-size 64 \
+    --num-classes 3 --device cpu --no-prefetcher --workers 0 -b 8 --epochs 1 --lr 1e-3 --opt adamw \
+    --output "$WORK/output" --experiment kd --kd-model-name "local-dir:$WORK/teacher" --kd-distill-type logit \
+    --drloc-lambda 0.5 --drloc-hidden-dim 64 > "$WORK/kd.log" 2>&1) \
+    || { tail -30 "$WORK/kd.log" >&2; fail "train.py exited non-zero for distillation + DRLoc"; }
+grep -hE "DRLocTask over LogitDistillationTask:" "$WORK/kd.log" | sed 's/^/   /' \
+    || fail "train.py did not add DRLoc to the distillation task"
+"$PYTHON" - "$WORK/output/kd" <<'EOF' || fail "outputs of distillation + DRLoc are not what a DRLoc run writes"
+import csv
+import os
+import sys
+
+import torch
+
+run = sys.argv[1]
+with open(os.path.join(run, 'summary.csv')) as f:
+    row = next(csv.DictReader(f))
+assert float(row['train_drloc_loss']) > 0, f"train_drloc_loss is {row.get('train_drloc_loss')}"
+ckpt = torch.load(os.path.join(run, 'last.pth.tar'), map_location='cpu', weights_only=False)
+assert ckpt.get('task_state', {}).get('drloc_heads'), f"no drloc_heads in task_state ({list(ckpt)})"
+print(f"   summary.csv: train_loss {float(row['train_loss']):.3f}, train_drloc_loss {float(row['train_drloc_loss']):.3f}")
+EOF
+step "OK: the patch applies to $TRAIN_PY and trains with DRLoc ($CHECK_MODELS, and over logit distillation)"

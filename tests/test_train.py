@@ -627,3 +627,32 @@ def test_damaged_stretch_met_by_loader_workers_ends_in_one_line_exit_2(tmp_path,
         'remove the damaged files, then run again (with --resume to continue)')
     assert 'Traceback' not in proc.stderr
     assert f'cannot read image {data / "validation" / "class_1" / "0.png"}' in proc.stderr
+
+
+def test_a_resumed_run_draws_what_a_straight_run_draws(monkeypatch, tmp_path, image_folder):
+    # the checkpoint carries the random generators' states: the pairs and the shuffles continue as they were
+    common = ('--epochs', '2', '--drloc-lambda', '0.5', '--seed', '5')
+    _run(monkeypatch, _argv(image_folder, tmp_path, 'straight', *common))
+    _run(monkeypatch, _argv(image_folder, tmp_path, 'halves', *common, '--resume', 'auto', '--stop-epoch', '1'))
+    _run(monkeypatch, _argv(image_folder, tmp_path, 'halves', *common, '--resume', 'auto'))
+    assert _summary(tmp_path / 'halves') == _summary(tmp_path / 'straight')
+    straight = torch.load(tmp_path / 'straight' / 'last.pth.tar', map_location='cpu', weights_only=False)
+    halves = torch.load(tmp_path / 'halves' / 'last.pth.tar', map_location='cpu', weights_only=False)
+    for part in ('state_dict', 'optimizer'):
+        flat = dict(_tensors(straight[part]))
+        assert flat.keys() == dict(_tensors(halves[part])).keys()
+        assert all(torch.equal(flat[k], v) for k, v in _tensors(halves[part])), part
+    heads = straight['task_state']['drloc_heads']
+    assert all(torch.equal(heads[k], v) for k, v in halves['task_state']['drloc_heads'].items())
+
+
+def _tensors(tree, prefix=''):
+    """(path, tensor) of every tensor in nested dicts / lists."""
+    if torch.is_tensor(tree):
+        yield prefix, tree
+    elif isinstance(tree, dict):
+        for key, value in tree.items():
+            yield from _tensors(value, f'{prefix}.{key}')
+    elif isinstance(tree, (list, tuple)):
+        for i, value in enumerate(tree):
+            yield from _tensors(value, f'{prefix}.{i}')

@@ -113,3 +113,25 @@ def test_torchrun_an_inf_loss_on_one_rank_under_fp16_amp_is_skipped_by_both(tmp_
     for key, value in ranks[0]['state'].items():
         assert torch.equal(value, ranks[1]['state'][key]), key
         assert torch.isfinite(value).all(), key
+
+
+def test_torchrun_feature_distillation_plus_drloc_keeps_student_projection_and_heads_equal(tmp_path, image_folder):
+    import timm
+    from timm_drloc import hub
+    teacher_kwargs = dict(img_size=32, patch_size=8, depth=1, embed_dim=64, num_heads=2)  # wider: a projection
+    teacher = timm.create_model('vit_tiny_patch16_224', num_classes=3, **teacher_kwargs)
+    folder = hub.export(teacher, tmp_path / 'teacher', model_kwargs=teacher_kwargs)
+    proc = _torchrun(tmp_path, image_folder, '--epochs', '1', '--experiment', 'ddp_kd',
+                     '--kd-model-name', f'local-dir:{folder}', '--kd-distill-type', 'feature')
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert 'DRLocTask over FeatureDistillationTask' in proc.stdout + proc.stderr
+
+    ranks = _rank_states(tmp_path, 0)
+    keys = ranks[0]['state'].keys()
+    assert any(k.startswith('heads.') for k in keys) and any('projection' in k for k in keys)
+    for key, value in ranks[0]['state'].items():  # student, projection and DRLoc heads, one model on both ranks
+        assert torch.equal(value, ranks[1]['state'][key]), key
+    local = [rank['epoch_end'][0] for rank in ranks]
+    with (tmp_path / 'ddp_kd' / 'summary.csv').open() as f:
+        row = next(csv.DictReader(f))
+    assert float(row['train_drloc_loss']) == pytest.approx((local[0][1] + local[1][1]) / 2, rel=1e-6)

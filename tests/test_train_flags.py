@@ -316,7 +316,6 @@ def test_config_wrong_type_is_rejected_with_the_key(monkeypatch, tmp_path, capsy
     (['--drloc-samples', '-4'], '--drloc-samples must be an integer >= 1 (pairs per image), got -4'),
     (['--drloc-mode', 'l2'], "invalid choice: 'l2'"),
     (['--drloc-hidden-dim', '0'], '--drloc-hidden-dim must be an integer >= 1, got 0'),
-    (['--drloc-lambda', '0.5', '--kd-model-name', 'resnet18'], 'cannot be combined with --kd-model-name'),
     (['--drloc-lambda', '0.5', '--torchscript'], 'use --torchcompile instead'),
     (['--drloc-lambda', '0.5', '--naflex-loader'], 'DRLoc needs a square token grid'),
 ])

@@ -193,7 +193,6 @@ def check_drloc_args(args: argparse.Namespace) -> None:
     if not args.drloc_lambda:
         return
     why_not = (
-        ('kd_model_name', '--kd-model-name', 'one training task per run. Drop one of them'),
         ('naflex_loader', '--naflex-loader', 'DRLoc needs a square token grid. Drop --naflex-loader'),
         ('torchscript', '--torchscript', 'DRLoc reads grids with forward hooks. Use --torchcompile instead'),
     )

@@ -199,27 +199,46 @@ def train_loss(args: argparse.Namespace, num_classes: Optional[int] = None, verb
 
 def build_task(args: argparse.Namespace, model: nn.Module, criterion: nn.Module, input_size: Sequence[int],
                device: torch.device, model_dtype: Optional[torch.dtype]) -> TrainingTask:
-    """DRLocTask when --drloc-lambda > 0 (its grid probe runs now, before any data is read), a timm distillation
-    task with --kd-model-name, else timm's ClassificationTask (MultiLabelClassificationTask with --task
-    multilabel)."""
+    """The training task: timm's ClassificationTask (MultiLabelClassificationTask with --task multilabel) or, with
+    --kd-model-name, its distillation task; with --drloc-lambda > 0 DRLoc is added to it (DRLocTask, alone or over
+    the distillation task). The grid probe runs now, before any data is read."""
     verbose = utils.is_primary(args)
     settings = drloc_kwargs(args)
-    if settings is not None:
-        try:
-            task = DRLocTask(model, criterion=criterion, input_size=tuple(input_size), device=device,
-                             dtype=model_dtype, verbose=verbose, **settings)
-            check_head_memory([(s.num_chs, s.grid_size) for s in task.get_trainable_module().sources],
-                              settings['hidden_dim'], settings['num_samples'], settings['mode'], settings['use_abs'],
-                              device, batch_size=args.batch_size)  # wrap() checked one image, this is the batch
-        except HeadTooLargeError as e:
-            raise _head_memory_error(args, e) from e
-        except GridError as e:
-            raise _grid_error(args, e, input_size) from e
-        return task
-    if args.kd_model_name is not None:
-        common = dict(student_model=model, teacher_model=args.kd_model_name, criterion=criterion,
-                      distill_loss_weight=args.distill_loss_weight, task_loss_weight=args.task_loss_weight,
-                      device=device, dtype=model_dtype, verbose=verbose)
+    distillation = _distillation_task(args, model, criterion, device, model_dtype, verbose) \
+        if args.kd_model_name is not None else None
+    if settings is None:
+        if distillation is not None:
+            return distillation
+        task_cls = MultiLabelClassificationTask if args.task == 'multilabel' else ClassificationTask
+        return task_cls(model=model, criterion=criterion, device=device, dtype=model_dtype, verbose=verbose)
+    task_kwargs = dict(base_task=distillation) if distillation is not None else dict(criterion=criterion)
+    try:
+        task = DRLocTask(model, input_size=tuple(input_size), device=device, dtype=model_dtype, verbose=verbose,
+                         **task_kwargs, **settings)
+        grids = [(s.num_chs, s.grid_size) for s in task.get_trainable_module().sources]
+        check_head_memory(grids, settings['hidden_dim'], settings['num_samples'], settings['mode'], settings['use_abs'],
+                          device, batch_size=args.batch_size)  # wrap() checked one image, this is the batch
+    except HeadTooLargeError as e:
+        raise _head_memory_error(args, e) from e
+    except GridError as e:
+        raise _grid_error(args, e, input_size) from e
+    except ConfigError as e:
+        if distillation is None:
+            raise
+        raise ConfigError(f'--drloc-lambda over --kd-model-name {args.kd_model_name} --kd-distill-type '
+                          f'{args.kd_distill_type}: {e}') from e
+    return task
+
+
+def _distillation_task(args: argparse.Namespace, model: nn.Module, criterion: nn.Module, device: torch.device,
+                       model_dtype: Optional[torch.dtype], verbose: bool) -> TrainingTask:
+    """timm's distillation task of --kd-distill-type, with the teacher --kd-model-name names (any timm model name,
+    with its pretrained weights, or `local-dir:PATH`, a folder in timm's Hub format such as `timm-drloc export`
+    writes)."""
+    common = dict(student_model=model, teacher_model=args.kd_model_name, criterion=criterion,
+                  distill_loss_weight=args.distill_loss_weight, task_loss_weight=args.task_loss_weight,
+                  device=device, dtype=model_dtype, verbose=verbose)
+    try:
         if args.kd_distill_type == 'logit':
             return LogitDistillationTask(loss_type=args.kd_loss_type, temperature=args.kd_temperature, **common)
         if args.kd_distill_type == 'feature':
@@ -227,8 +246,8 @@ def build_task(args: argparse.Namespace, model: nn.Module, criterion: nn.Module,
                                            teacher_feature_dim=args.kd_teacher_feature_dim, **common)
         return TokenDistillationTask(distill_type=args.kd_token_distill_type, temperature=args.kd_temperature,
                                      **common)
-    task_cls = MultiLabelClassificationTask if args.task == 'multilabel' else ClassificationTask
-    return task_cls(model=model, criterion=criterion, device=device, dtype=model_dtype, verbose=verbose)
+    except ValueError as e:  # timm's refusals: a student without a distillation token, a loss type it lacks
+        raise ConfigError(f'--kd-distill-type {args.kd_distill_type} with --model {args.model}: {e}') from e
 
 
 # what the command line does instead of the API fix each grid error names

@@ -9,12 +9,14 @@ import argparse
 import errno
 import logging
 import os
+import random
 import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
+import numpy as np
 import torch
 from timm import utils
 from timm.models import load_state_dict, safe_model_name
@@ -94,6 +96,11 @@ class AtomicCheckpointSaver(utils.CheckpointSaver):
     ends the run with a ConfigError naming the cause and the folder, the checkpoints already written untouched.
     """
 
+    def state_dict(self, epoch: Optional[int] = None, metric: Optional[float] = None) -> Dict[str, Any]:
+        """timm's bookkeeping for a resume into the same folder, plus the random generators' states: a resumed
+        single-process run then draws the pairs, shuffles and augmentations a straight run would."""
+        return dict(super().state_dict(epoch, metric), rng=rng_state())
+
     def _save(self, save_path: str, epoch: int, metric: Optional[float] = None) -> None:
         # timm's _save hands its path straight to torch.save: given an open file instead, a failed write
         # arrives as Python's OSError with its errno, not as the zip writer's RuntimeError
@@ -130,6 +137,28 @@ class AtomicCheckpointSaver(utils.CheckpointSaver):
             raise ConfigError(f'{what} while writing a checkpoint in {self.checkpoint_dir}; the checkpoints already '
                               f'written there are intact: free some space, then '
                               f'{continue_hint(self.args, self.checkpoint_dir)}') from e
+
+
+def rng_state() -> Dict[str, Any]:
+    """The states of the generators training draws from: torch's (CPU and each CUDA device), numpy's and Python's,
+    as tensors, ints and tuples (what torch.load reads with weights_only=True)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        'torch': torch.get_rng_state(),
+        'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        'numpy': (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)),
+        'python': random.getstate(),
+    }
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    """Put the generators back in the states `rng_state()` gave."""
+    torch.set_rng_state(state['torch'])
+    if state['cuda'] and torch.cuda.is_available() and len(state['cuda']) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state['cuda'])
+    kind, keys, pos, has_gauss, gauss = state['numpy']
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state['python']))
 
 
 def continue_hint(args: Optional[argparse.Namespace], output_dir: Optional[str]) -> str:
@@ -287,4 +316,8 @@ def _load(path: str, args: argparse.Namespace, task: TrainingTask, optimizer: to
         if primary:
             _logger.info(f'--resume {path} was written inside epoch {epoch}: running epoch {epoch} again from its '
                          f'start, with the weights of the recovery checkpoint')
+    elif epoch is not None and not args.distributed:  # each rank draws from its own generators; rank 0's were saved
+        rng = (meta.get('saver') or {}).get('rng')
+        if rng is not None:
+            set_rng_state(rng)
     return epoch, True

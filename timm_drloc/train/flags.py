@@ -332,7 +332,8 @@ def _add_misc_flags(group: argparse._ArgumentGroup) -> None:
 
 
 def _add_distillation_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument('--kd-model-name', default=None, type=str, help='teacher model for distillation (not with DRLoc)')
+    parser.add_argument('--kd-model-name', default=None, type=str,
+                        help='teacher model for distillation: a timm model name, or local-dir:PATH')
     parser.add_argument('--kd-distill-type', default='logit', type=str, choices=['logit', 'feature', 'token'],
                         help='distillation type')
     parser.add_argument('--kd-loss-type', default='kl', type=str, help='logit distillation loss')
