@@ -38,7 +38,7 @@ def build(model_name: str, args: argparse.Namespace, device: torch.device):
                          input_size=(3, args.img_size, args.img_size))
         if name == 'gather':
             for head in task.trainable_module.heads:
-                head.first_layer = head.gather_then_project  # instead of choosing by grid size
+                head.pair_preactivations = head.gather_then_project  # instead of choosing by grid size
         tasks[name] = task
     for task in tasks.values():
         task.train()

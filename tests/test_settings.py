@@ -21,13 +21,16 @@ def _defaults(func) -> dict:
             if p.default is not inspect.Parameter.empty}
 
 
-def test_each_flag_default_is_the_keyword_default_of_wrap_and_drloc_task():
+def test_each_flag_default_is_the_keyword_default_of_wrap_and_drloc_task_passes_wrap_keywords_on():
     keywords = drloc_kwargs(_args('--drloc-lambda', '0.5'))  # every flag at its default, DRLoc on
     wrap_defaults, task_defaults = _defaults(wrap), _defaults(DRLocTask.__init__)
+    assert keywords.keys() == wrap_defaults.keys() - {'layout', 'input_size'} | {'drloc_lambda'}
     for keyword, value in keywords.items():
-        assert keyword in task_defaults, f'{keyword} is no DRLocTask keyword'
         if keyword != 'drloc_lambda':  # the flag's 0 means off; the task's default is the paper's 0.5
-            assert value == wrap_defaults[keyword] == task_defaults[keyword], keyword
+            assert value == wrap_defaults[keyword], keyword
+            assert keyword not in task_defaults, f'DRLocTask declares {keyword} again instead of passing it to wrap()'
+    passed_on = [p.kind for p in inspect.signature(DRLocTask.__init__).parameters.values()][-1]
+    assert passed_on is inspect.Parameter.VAR_KEYWORD
 
 
 def test_flags_map_to_keywords_and_lambda_0_means_no_drloc():

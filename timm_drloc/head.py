@@ -202,11 +202,11 @@ class DRLocHead(nn.Module):
         grid_size = (grid.shape[1], grid.shape[2])
         pos = cell_positions(cells, grid_size[1])  # B, 2, M, 2
         classes = offset_classes(pos[:, 0], pos[:, 1], grid_size, self.use_abs)  # B, M, 2
-        out = self.last_layer(self.mlp[1:4](self.first_layer(grid, cells)))  # B, M, 2 | B, M, hidden
+        out = self.last_layer(self.mlp[1:4](self.pair_preactivations(grid, cells)))  # B, M, 2 | B, M, hidden
         with torch.autocast(device_type=grid.device.type, enabled=False):
             return self.loss(out, classes, grid_size)
 
-    def first_layer(self, grid: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
+    def pair_preactivations(self, grid: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
         """First MLP layer on the concatenated pairs [e_a; e_b], the cheaper way round for this grid.
 
         With more sampled pairs than grid cells (m = 64 on a 7 x 7 grid), projecting every cell once and
@@ -224,7 +224,7 @@ class DRLocHead(nn.Module):
         return self.gather_then_project(grid, cells)
 
     def gather_then_project(self, grid: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
-        """Gather both cells of every pair in one op, then W [e_a; e_b] + b. Shapes as `first_layer`."""
+        """Gather both cells of every pair in one op, then W [e_a; e_b] + b. Shapes as `pair_preactivations`."""
         channels = grid.shape[-1]
         both = grid.flatten(1, 2).unsqueeze(2).expand(-1, -1, 2, -1)  # B, H*W, 2, C (a view)
         index = cells.transpose(1, 2).unsqueeze(-1).expand(-1, -1, -1, channels)  # B, M, 2, C
@@ -235,7 +235,7 @@ class DRLocHead(nn.Module):
         """W [e_a; e_b] + b = W_a e_a + W_b e_b + b: project every cell with both halves of W, then gather.
 
         W (hidden, 2C) read as (2 hidden, C) holds row W_a[u] at 2u and W_b[u] at 2u + 1: one matrix
-        product projects each cell with both halves, without copying W. Shapes as `first_layer`.
+        product projects each cell with both halves, without copying W. Shapes as `pair_preactivations`.
         """
         batch, height, width, channels = grid.shape
         linear = self.mlp[0]

@@ -1,15 +1,16 @@
 """The DRLoc settings, each declared once: its keyword, flag, default, help text and rule.
 
-`wrap()` and `DRLocTask` take the settings as keywords (their signatures spell them out, for readers and
-editors); `check_settings()` is the one check of their values, which both call. A training script built on
-timm's train.py adds the settings as `--drloc-*` flags and maps the parsed flags back to keywords:
+`wrap()` takes the settings as keywords (its signature spells them out, for readers and editors; DRLocTask
+passes them on to it); `check_settings()` is the one check of their values, which both call. A training
+script built on timm's train.py adds the settings as `--drloc-*` flags and maps the parsed flags back to
+keywords:
 
     add_drloc_args(parser)                      # the "DRLoc parameters" flag group
     kwargs = drloc_kwargs(args)                 # DRLocTask keywords, checked; None when --drloc-lambda is 0
     task = DRLocTask(model, **kwargs, criterion=..., device=...)
     task.set_drloc_lambda(drloc_lambda_for_epoch(args, epoch, num_epochs))     # drloc_lambda_at under the flags
 
-A new option is one `Setting` entry here (plus its keyword in wrap() / DRLocTask); the flag, its help text, the
+A new option is one `Setting` entry here (plus its keyword in wrap()); the flag, its help text, the
 mapping and the patched upstream train.py follow from the entry.
 """
 import argparse

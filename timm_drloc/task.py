@@ -11,7 +11,7 @@ loss. Eval model, checkpoint `state_dict` and evaluator stay the base task's; th
 heads beside the base task's own (a feature projection).
 """
 import logging
-from typing import Any, Callable, Dict, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -49,15 +49,14 @@ class DRLocTask(TrainingTask):
             create_classification_loss when None (label smoothing, soft targets for mixup, BCE...).
             Not with `base_task`, which has its own.
         criterion_kwargs: arguments of create_classification_loss.
-        mode, num_samples, multiscale, use_abs, normalize, hidden_dim, layers, layout, input_size:
-            passed to `timm_drloc.wrap()`.
         base_task: a timm TrainingTask to add DRLoc to (LogitDistillationTask, FeatureDistillationTask,
             TokenDistillationTask, ...), built on `model` and not yet compiled, DDP-wrapped or with EMA.
             DRLocTask then owns it: call compile / prepare_distributed / setup_ema on the DRLocTask.
         device: device for the task, its heads and criterion (default: the base task's).
         dtype: dtype for task tensors (default: the base task's).
         verbose: log the set-up.
-        compile_head: torch.compile the DRLoc heads alone (see `timm_drloc.wrap()`).
+        **wrap_kwargs: the DRLoc settings, as `timm_drloc.wrap()` takes them and with its defaults (mode,
+            num_samples, multiscale, use_abs, normalize, hidden_dim, layers, layout, input_size, compile_head).
 
     Returns (forward):
         alone: {'loss', 'output', 'task_loss', 'drloc_loss'}; over a base task: the base task's
@@ -82,20 +81,11 @@ class DRLocTask(TrainingTask):
             drloc_lambda: float = 0.5,
             criterion: Optional[Union[nn.Module, Callable]] = None,
             criterion_kwargs: Optional[Dict[str, Any]] = None,
-            mode: str = 'l1',
-            num_samples: int = 64,
-            multiscale: bool = False,
-            use_abs: bool = True,
-            normalize: bool = False,
-            hidden_dim: int = 512,
-            layers: Optional[Sequence[str]] = None,
-            layout: Optional[str] = None,
-            input_size: Optional[Sequence[int]] = None,
             base_task: Optional[TrainingTask] = None,
             device: Optional[torch.device] = None,
             dtype: Optional[torch.dtype] = None,
             verbose: bool = True,
-            compile_head: Union[bool, str] = False,
+            **wrap_kwargs: Any,
     ):
         if base_task is not None:
             _check_base_task(base_task, model, criterion, criterion_kwargs)
@@ -103,11 +93,7 @@ class DRLocTask(TrainingTask):
             dtype = dtype if dtype is not None else base_task.dtype
         super().__init__(device=device, dtype=dtype, verbose=verbose)
         self.set_drloc_lambda(drloc_lambda)
-        drloc = wrap(
-            model, mode=mode, num_samples=num_samples, multiscale=multiscale, use_abs=use_abs,
-            normalize=normalize, hidden_dim=hidden_dim, layers=layers, layout=layout, input_size=input_size,
-            compile_head=compile_head,
-        ).to(device=self.device)
+        drloc = wrap(model, **wrap_kwargs).to(device=self.device)
         self.base_task = base_task
         if base_task is None:
             self.trainable_module = drloc
@@ -118,9 +104,10 @@ class DRLocTask(TrainingTask):
             grids = ', '.join(f'{s.name} {s.grid_size[0]}x{s.grid_size[1]}x{s.num_chs} ({s.layout})'
                               for s in drloc.sources)
             over = f" over {type(base_task).__name__}" if base_task is not None else ''
+            head = drloc.heads[0]  # every head has the same settings
             _logger.info(
-                f"DRLocTask{over}: lambda={self.drloc_lambda}, mode={mode}, samples={num_samples}, "
-                f"abs={use_abs}, normalize={normalize}, compile_head={compile_head}, grids: {grids}")
+                f"DRLocTask{over}: lambda={self.drloc_lambda}, mode={head.mode}, samples={head.num_samples}, "
+                f"abs={head.use_abs}, normalize={head.normalize}, compile_head={head.compiled}, grids: {grids}")
 
     def set_drloc_lambda(self, value: float) -> None:
         """Set the DRLoc weight, a finite number >= 0 (the training loop calls this each epoch for a schedule)."""

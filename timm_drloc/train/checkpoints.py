@@ -176,7 +176,7 @@ def continue_hint(args: Optional[argparse.Namespace], output_dir: Optional[str])
 # ---------------------------------------------------------------------------------------------------------
 # reading checkpoints: --resume, --initial-checkpoint
 
-def readable_checkpoint(path: str, weights_only_ok: bool = False) -> Optional[str]:
+def checkpoint_problem(path: str, weights_only_ok: bool = False) -> Optional[str]:
     """None when `path` loads as a training checkpoint (with `weights_only_ok`, also as a model state dict
     without an epoch, as timm's clean_checkpoint.py writes), else why it does not."""
     try:
@@ -207,7 +207,7 @@ def check_checkpoint_file(flag: str, path: str) -> None:
     if not os.path.isfile(path):
         other = ', or --resume auto with --experiment' if flag == '--resume' else ''
         raise ConfigError(f'{flag} {path}: no such file; give the path of a .pth.tar checkpoint{other}')
-    problem = readable_checkpoint(path, weights_only_ok=True)
+    problem = checkpoint_problem(path, weights_only_ok=True)
     if problem is not None:
         raise ConfigError(f'{flag} {path}: cannot read this checkpoint ({problem}); give an intact checkpoint '
                           f'written by training (an earlier checkpoint-N.pth.tar if this one is damaged)')
@@ -269,7 +269,7 @@ def _auto_resume_path(exp_dir: str) -> Optional[str]:
     if not candidates:
         return None
     for rank, (_, _, path) in enumerate(sorted(candidates, reverse=True)):
-        problem = readable_checkpoint(path)
+        problem = checkpoint_problem(path)
         if problem is None:
             if rank or is_recovery(path):
                 _logger.warning(f'--resume auto: continuing from {path}')
