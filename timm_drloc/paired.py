@@ -153,7 +153,8 @@ def epochs_done(folder: str) -> int:
 
 
 def epoch_in_progress(run: Run) -> Optional[int]:
-    """The epoch the run's log last reported training (timm's `Train: N [...]` lines), for progress only."""
+    """The epoch (counted from 0) the run's log last reported training (timm's `Train: N [...]` lines), for
+    progress only; None before the first."""
     try:
         with open(run.log_path, 'rb') as f:
             f.seek(max(0, os.path.getsize(run.log_path) - 20000))
@@ -162,6 +163,11 @@ def epoch_in_progress(run: Run) -> Optional[int]:
         return None
     found = re.findall(r'Train: (\d+) \[', text)
     return int(found[-1]) if found else None
+
+
+def _progress(run: Run) -> str:
+    epoch = epoch_in_progress(run)
+    return 'starting' if epoch is None else f'in epoch {epoch + 1}/{run.epochs}'
 
 
 def recorded_result(run: Run) -> Optional[RunResult]:
@@ -271,8 +277,7 @@ def run_all(
                 results[item.run] = _finish(item, say, clock)
             if active and time.time() - last_report >= report_every:
                 last_report = time.time()
-                say(f'[{clock()}] running: ' + ', '.join(
-                    f'{a.run.name} epoch {epoch_in_progress(a.run)}/{a.run.epochs}' for a in active))
+                say(f'[{clock()}] running: ' + ', '.join(f'{a.run.name} {_progress(a.run)}' for a in active))
     except BaseException:
         for item in active:
             item.process.terminate()
