@@ -15,8 +15,9 @@
 #   SIZES=2 EPOCHS=1 DEVICE=cpu WORKERS=0 bash benchmarks/gpu_study.sh TOY_DIR OUT -b 4
 # At the end the report covers every pair that has finished: OUT/results.md, OUT/results.json,
 # OUT/top1_by_size.png; OUT/gpu.txt names the GPU and driver.
-# Not yet run on a GPU: the ~10 minute estimate (one seed of both sizes at ~2,300 images/s for the two
-# trainings together) is from the H100 step times in benchmarks/README.md, not measured.
+# Not yet run on a GPU. Estimated from the H100 step times in benchmarks/README.md (not measured): the
+# N=200 pair of seed 0 takes 4-5 minutes, the N=500 pair 9-11 more, so the default budget stops inside it
+# and a second call (or BUDGET_S=1000) finishes it; COMPILE=1 may fit seed 0 of both sizes in 10 minutes.
 set -euo pipefail
 DATA=${1:?usage: bash benchmarks/gpu_study.sh CIFAR10_DIR [OUT] [train_drloc.py flags...]}
 OUT=${2:-gpu_study}
