@@ -32,7 +32,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from timm.data.readers.img_extensions import get_img_extensions
 
-from timm_drloc.errors import ExitCode
+from timm_drloc.errors import ConfigError, ExitCode, SummaryError
 from timm_drloc.paired import (
     ARMS, Run, RunFailedError, default_device, json_report, markdown_report, pair_runs, pair_up, recorded_result,
     run_all)
@@ -52,10 +52,10 @@ def list_images(split_dir: str) -> Dict[str, List[str]]:
     """{class folder: sorted image file names} of one ImageFolder split (`split_dir/<class>/<image>`).
 
     Raises:
-        ValueError: the folder does not exist or holds no class folder with images.
+        ConfigError: the folder does not exist or holds no class folder with images.
     """
     if not os.path.isdir(split_dir):
-        raise ValueError(f"'{split_dir}' is not a folder: the data root needs <split>/<class>/<image> folders "
+        raise ConfigError(f"'{split_dir}' is not a folder: the data root needs <split>/<class>/<image> folders "
                          f'(pass --train-split / --eval-split with the names of yours)')
     extensions = tuple(get_img_extensions())
     classes = {}
@@ -64,7 +64,7 @@ def list_images(split_dir: str) -> Dict[str, List[str]]:
         if os.path.isdir(folder):
             classes[name] = sorted(f for f in os.listdir(folder) if f.lower().endswith(extensions))
     if not any(classes.values()):
-        raise ValueError(f"'{split_dir}' has no class folders with images in them")
+        raise ConfigError(f"'{split_dir}' has no class folders with images in them")
     return classes
 
 
@@ -72,11 +72,11 @@ def split_holdout(pool: Dict[str, List[str]], per_class: int) -> Tuple[Dict[str,
     """(the rest, held out): the last `per_class` names of each class are held out for evaluation.
 
     Raises:
-        ValueError: a class has no more than `per_class` images (nothing would be left to train on).
+        ConfigError: a class has no more than `per_class` images (nothing would be left to train on).
     """
     for cls, names in pool.items():
         if len(names) <= per_class:
-            raise ValueError(f"class '{cls}' has {len(names)} images: holding out {per_class} leaves none to train "
+            raise ConfigError(f"class '{cls}' has {len(names)} images: holding out {per_class} leaves none to train "
                              f'on. Lower --holdout-per-class.')
     return ({cls: names[:-per_class] for cls, names in pool.items()},
             {cls: names[-per_class:] for cls, names in pool.items()})
@@ -90,14 +90,14 @@ def draw_subset(pool: Dict[str, List[str]], per_class: int, seed: int) -> Dict[s
     depend on the others.
 
     Raises:
-        ValueError: a class has fewer than `per_class` images (names the class and its count).
+        ConfigError: a class has fewer than `per_class` images (names the class and its count).
     """
     if per_class < 1:
-        raise ValueError(f'{per_class} images per class: draw at least 1.')
+        raise ConfigError(f'{per_class} images per class: draw at least 1.')
     subset = {}
     for cls, names in sorted(pool.items()):
         if len(names) < per_class:
-            raise ValueError(f"class '{cls}' has only {len(names)} images, fewer than the {per_class} per class "
+            raise ConfigError(f"class '{cls}' has only {len(names)} images, fewer than the {per_class} per class "
                              f'asked for. Lower the size (--sizes) or add images.')
         order = list(names)
         random.Random(f'{seed}/{cls}').shuffle(order)
@@ -182,7 +182,7 @@ def prepare_data(args: argparse.Namespace) -> Tuple[Dict[Tuple[int, int], str], 
         source_eval = os.path.join(args.data, args.eval_split)
         missing = sorted(set(pool) - set(list_images(source_eval)))
         if missing:
-            raise ValueError(f"'{source_eval}' has no folder for class(es) {', '.join(missing)} of the train split: "
+            raise ConfigError(f"'{source_eval}' has no folder for class(es) {', '.join(missing)} of the train split: "
                              f'both splits need the same class folders')
         link_or_replace(source_eval, eval_dir)
     roots = {}
@@ -266,7 +266,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                   f'{args.jobs} at a time; output in {os.path.abspath(args.out)}', flush=True)
             results = run_all(runs, jobs=args.jobs, threads=args.threads,
                               say=lambda line: print(line, flush=True), report_every=args.progress_every)
-    except ValueError as e:
+    except (ConfigError, SummaryError) as e:
         print(f'small_data_study: {e}', file=sys.stderr)
         return ExitCode.BAD_INPUT
     except RunFailedError as e:

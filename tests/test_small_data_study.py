@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from timm_drloc.errors import ConfigError
 from timm_drloc.paired import Pair, Run, RunResult, markdown_report, pair_up, paired_stats, recorded_result
 from timm_drloc.plot import read_experiment
 
@@ -53,7 +54,7 @@ def test_smaller_subset_of_a_seed_lies_inside_its_larger_subset():
 
 
 def test_subset_larger_than_a_class_is_refused_naming_the_class_and_its_count():
-    with pytest.raises(ValueError, match="class 'dog' has only 12 images"):
+    with pytest.raises(ConfigError, match="class 'dog' has only 12 images"):
         study.draw_subset(POOL, 13, seed=0)
 
 
@@ -64,7 +65,7 @@ def test_holdout_is_the_last_k_names_of_each_class_and_is_not_in_the_pool():
 
 
 def test_holdout_that_leaves_no_training_image_is_refused():
-    with pytest.raises(ValueError, match="class 'dog' has 12 images"):
+    with pytest.raises(ConfigError, match="class 'dog' has 12 images"):
         study.split_holdout(POOL, 12)
 
 
@@ -127,7 +128,7 @@ def test_finished_run_of_another_command_is_an_error_not_a_result(tmp_path):
     assert recorded_result(run) is None
     (tmp_path / 'paired_run.json').write_text(json.dumps(
         dict(command=['-m', 'timm_drloc.cli', 'train', 'b'], final=50.0, best=60.0, seconds=3.0)))
-    with pytest.raises(ValueError, match='finished run of another command'):
+    with pytest.raises(ConfigError, match='finished run of another command'):
         recorded_result(run)
 
 
@@ -136,6 +137,7 @@ def test_finished_run_of_another_command_is_an_error_not_a_result(tmp_path):
 # ---------------------------------------------------------------------------------------------------------
 
 @pytest.mark.skipif(importlib.util.find_spec('timm_drloc.train') is None, reason='train_drloc.py not in this checkout')
+@pytest.mark.slow
 def test_toy_study_trains_both_arms_on_the_same_subset_reports_them_and_skips_them_when_rerun(
         image_folder_factory, tmp_path, capsys):
     data = image_folder_factory(num_classes=2, size=16, images_per_class=6)

@@ -22,7 +22,7 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from .errors import ExitCode, SummaryError
+from .errors import ConfigError, ExitCode, SummaryError
 from .summary import SUMMARY_FILE, read_summary
 
 ARMS = ('baseline', 'drloc')  # lambda 0 (plain timm training), then the DRLoc weight
@@ -186,7 +186,7 @@ def recorded_result(run: Run) -> Optional[RunResult]:
     """The result `run` recorded in its folder when it finished, or None when it has not finished.
 
     Raises:
-        ValueError: the folder holds a finished run of another command (another recipe or data).
+        ConfigError: the folder holds a finished run of another command (another recipe or data).
     """
     path = os.path.join(run.folder, RECORD)
     if not os.path.isfile(path):
@@ -194,7 +194,7 @@ def recorded_result(run: Run) -> Optional[RunResult]:
     with open(path) as f:
         record = json.load(f)
     if record.get('command') != list(run.command[1:]):
-        raise ValueError(
+        raise ConfigError(
             f"'{run.folder}' holds a finished run of another command (recorded in {RECORD}): "
             f"{' '.join(record.get('command', []))}\nUse another output folder for this recipe, or delete that run.")
     return RunResult(run, record['final'], record['best'], record['seconds'])
@@ -242,7 +242,7 @@ def run_all(
 
     Raises:
         RunFailedError: a run failed; the runs in progress were stopped.
-        ValueError: a run folder holds a finished run of another command.
+        ConfigError: a run folder holds a finished run of another command.
         SummaryError: a finished run has no eval top-1 in its summary.csv.
     """
     import shutil
