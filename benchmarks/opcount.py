@@ -22,7 +22,8 @@ DRLocHead's forward and backward on a (B, H, W, C) grid of each model's shape an
     python benchmarks/opcount.py --compile-head        # the same with the head compiled
     python benchmarks/opcount.py --models tiny_vit --list    # which operators the DRLoc step adds
 
-`tiny_vit` is the digits demo's ViT (4 blocks, 64 wide, 16 px inputs, a 4x4 grid). The counts do not
+`tiny_vit` is the digits demo's ViT (4 blocks, 64 wide) at 16 px inputs, a 4x4 grid (the demo's inputs
+before issue 11; it now trains at 32 px, an 8x8 grid). The counts do not
 depend on the batch size from 2 on (at batch 1 some copies of strided grids are views); they do depend
 on the grid having fewer cells than pairs (the first layer then runs per cell) and on autocast (casts).
 """

@@ -45,7 +45,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 DEFAULT_MODELS = ('swin_tiny_patch4_window7_224', 'vit_small_patch16_224', 'resnet50')
-TINY_VIT = 'tiny_vit'  # the digits demo's ViT (timm_drloc.demo): 4 blocks, 64 wide, patch 4, 16 px inputs
+TINY_VIT = 'tiny_vit'  # the digits demo's ViT (timm_drloc.demo): 4 blocks, 64 wide, patch 4; at 16 px here
 
 
 @dataclass

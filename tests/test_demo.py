@@ -1,10 +1,11 @@
 """The digits demo: the ImageFolder it writes, and a tiny end-to-end run of both trainings."""
-import csv
 import importlib.util
+import json
 import os
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 from timm_drloc.demo import main as demo_main, write_digits
@@ -62,20 +63,21 @@ def test_demo_trains_baseline_and_drloc_and_writes_table_and_curves(tmp_path):
     out = tmp_path / 'demo'
     args = ['--out', str(out), '--epochs', '1', '--seeds', '0', '--train-per-class', '4', '--val-per-class', '2',
             '--img-size', '16', '-b', '8', '--drloc-hidden-dim', '16',
-            '--model-kwargs', 'img_size=16', 'patch_size=4', 'embed_dim=32', 'depth=1', 'num_heads=2',
+            '--model-kwargs', 'patch_size=4', 'embed_dim=32', 'depth=1', 'num_heads=2',
             '--warmup-epochs', '0']  # the last one is passed on to train_drloc.py
     assert demo_main(args) == 0
-    with open(out / 'results.csv', newline='') as f:
-        rows = list(csv.DictReader(f))
-    assert [row['seed'] for row in rows] == ['0']
-    for key in ('baseline_final', 'drloc_final', 'baseline_best', 'drloc_best'):
-        assert 0.0 <= float(rows[0][key]) <= 100.0
-    assert float(rows[0]['delta_final']) == pytest.approx(
-        float(rows[0]['drloc_final']) - float(rows[0]['baseline_final']))
+    [pair] = json.loads((out / 'results.json').read_text())['pairs']
+    assert pair['seed'] == 0
+    for arm in ('baseline', 'drloc'):
+        assert 0.0 <= pair[arm]['final'] <= 100.0 and 0.0 <= pair[arm]['best'] <= 100.0
+    assert pair['delta_final'] == pytest.approx(pair['drloc']['final'] - pair['baseline']['final'])
     assert 'Paired delta' in (out / 'results.md').read_text()
     assert (out / 'curves.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
     drloc = read_experiment(str(out / 'runs' / 'seed0-drloc')).columns
     baseline = read_experiment(str(out / 'runs' / 'seed0-baseline')).columns
     assert drloc['drloc_lambda'] == [0.5]
+    for arm in ('baseline', 'drloc'):  # the model's input size follows --img-size: a 4x4 grid of 4-pixel patches
+        args = yaml.safe_load((out / 'runs' / f'seed0-{arm}' / 'args.yaml').read_text())
+        assert args['model_kwargs']['img_size'] == 16 and args['seed'] == 0
     assert drloc['train_drloc_loss'][0] > 0
     assert baseline.get('drloc_lambda', [0.0]) == [0.0]

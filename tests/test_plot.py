@@ -4,7 +4,8 @@ import os
 import pytest
 
 from timm_drloc import cli
-from timm_drloc.plot import plot_experiments, read_experiment
+from timm_drloc.plot import (
+    GAIN_COLUMN, GAIN_PANEL, PANELS, paired_gain, plot_experiments, plot_top1_by_size, read_experiment)
 
 PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
 
@@ -104,3 +105,20 @@ def test_binary_summary_is_refused_naming_the_file(tmp_path, capsys):
     assert cli.main(['plot', str(folder), '-o', str(tmp_path / 'x.png')]) == 2
     err = capsys.readouterr().err
     assert f"'{folder / 'summary.csv'}' is not a readable summary.csv" in err and 'Traceback' not in err
+
+
+def test_paired_gain_is_drloc_top1_minus_baseline_top1_at_each_epoch_both_evaluated(tmp_path):
+    drloc = read_experiment(write_experiment(tmp_path, 'drloc', DRLOC_CSV))
+    plain = read_experiment(write_experiment(tmp_path, 'plain', TIMM_CSV.replace('1,2.00,1.95,30.0,75.0,0.001\n', '')))
+    gain = paired_gain(plain, drloc, 'seed 0')
+    assert gain.epochs == [0.0, 2.0]
+    assert gain.columns[GAIN_COLUMN] == [18.5 - 15.0, 52.25 - 45.5]
+    out = plot_experiments([plain, drloc, gain], str(tmp_path / 'gain.png'), panels=(*PANELS[:3], GAIN_PANEL))
+    assert png_size(out)[0] > 0
+
+
+def test_top1_by_size_plot_is_a_png(tmp_path):
+    points = [(100, 0, 'baseline', 30.0), (100, 0, 'drloc', 33.0), (500, 0, 'baseline', 50.0),
+              (500, 0, 'drloc', 51.5), (500, 1, 'baseline', 49.0), (500, 1, 'drloc', 52.0)]
+    width, height = png_size(plot_top1_by_size(points, str(tmp_path / 'by_size.png')))
+    assert 400 <= width <= 1200 and 300 <= height <= 900

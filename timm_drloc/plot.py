@@ -1,16 +1,19 @@
-"""Training curves of timm experiment folders: `timm-drloc plot EXPERIMENT_DIR [...] -o curves.png`.
+"""Plots of timm experiment folders: `timm-drloc plot EXPERIMENT_DIR [...] -o curves.png`.
 
-Reads each folder's `summary.csv` (written by timm's train.py and by train_drloc.py) and draws four
-panels against epoch, one line per experiment (solid with DRLoc, dashed without): train loss, DRLoc
-loss, eval top-1 and the DRLoc lambda. A plain timm run has no DRLoc columns; its DRLoc panels say
-so instead of drawing nothing.
+`read_experiment` reads a folder's `summary.csv` (written by timm's train.py and by train_drloc.py);
+`plot_experiments` draws four panels against epoch, one line per experiment (solid with DRLoc, dashed
+without): train loss, DRLoc loss, eval top-1 and the DRLoc lambda. A plain timm run has no DRLoc
+columns; its DRLoc panels say so instead of drawing nothing. `paired_gain` turns a baseline and a DRLoc run into one
+curve of the top-1 gain per epoch, for a panel of its own (GAIN_PANEL).
+
+`plot_top1_by_size` draws the final top-1 of paired runs against the training set size.
 """
 import argparse
 import math
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from .errors import ExitCode, SummaryError
 from .summary import SUMMARY_FILE, read_summary
@@ -22,6 +25,9 @@ PANELS = (
     ('eval_top1', 'eval top-1 (%)'),
     ('drloc_lambda', 'DRLoc lambda'),
 )
+EVAL_LOSS_PANEL = ('eval_loss', 'eval loss (cross-entropy)')
+GAIN_COLUMN = 'eval_top1_gain'
+GAIN_PANEL = (GAIN_COLUMN, 'DRLoc gain: eval top-1, DRLoc - baseline (points)')
 
 
 @dataclass
@@ -76,23 +82,61 @@ def output_path(out_path: str) -> str:
     return out_path if os.path.splitext(out_path)[1] else out_path + '.png'
 
 
-def plot_experiments(experiments: Sequence[Experiment], out_path: str, title: Optional[str] = None) -> str:
-    """Draw the four panels for `experiments` into the PNG `out_path` (see output_path); returns the file written."""
-    out_path = output_path(out_path)
+def paired_gain(baseline: Experiment, drloc: Experiment, name: str) -> Experiment:
+    """An experiment with one column, GAIN_COLUMN: DRLoc's eval top-1 minus the baseline's, at each epoch
+    both evaluated."""
+    def by_epoch(exp: Experiment) -> Dict[float, float]:
+        return {e: v for e, v in zip(exp.epochs, exp.columns.get('eval_top1', [])) if v == v}
+
+    base, with_drloc = by_epoch(baseline), by_epoch(drloc)
+    epochs = sorted(set(base) & set(with_drloc))
+    return Experiment(name, drloc.path, {'epoch': epochs, GAIN_COLUMN: [with_drloc[e] - base[e] for e in epochs]})
+
+
+def _new_figure(rows: int, cols: int, size: Sequence[float]):
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
+    return plt, *plt.subplots(rows, cols, figsize=size)
 
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
-    for ax, (column, panel_title) in zip(axes.flat, PANELS):
+
+def _save(plt, fig, out_path: str, title: Optional[str]) -> str:
+    """Write the figure to output_path(out_path); returns the file written."""
+    out_path = output_path(out_path)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    fig.savefig(out_path, dpi=100)
+    plt.close(fig)
+    return out_path
+
+
+def plot_experiments(
+        experiments: Sequence[Experiment],
+        out_path: str,
+        title: Optional[str] = None,
+        panels: Sequence[Tuple[str, str]] = PANELS,
+        colors: Optional[Sequence[str]] = None,
+) -> str:
+    """Draw four `panels` ((column, title) each) for `experiments` into the PNG `out_path` (see output_path);
+    returns the file written.
+
+    Each panel draws the experiments that have its column; the gain panel (GAIN_PANEL) also a zero line.
+    `colors`: one matplotlib color per experiment (default: one color each).
+    """
+    plt, fig, axes = _new_figure(2, 2, (11, 7.5))
+    for ax, (column, panel_title) in zip(axes.flat, panels):
         drawn = 0
         for index, exp in enumerate(experiments):
             values = exp.columns.get(column)
             if values is None or all(math.isnan(v) for v in values):
                 continue
             ax.plot(exp.epochs, values, marker='.' if len(values) < 30 else None, label=exp.name,
-                    color=f'C{index % 10}', linestyle='-' if exp.uses_drloc else '--')
+                    color=colors[index] if colors else f'C{index % 10}', linestyle='-' if exp.uses_drloc or column == GAIN_COLUMN else '--')
             drawn += 1
+        if column == GAIN_COLUMN:
+            ax.axhline(0.0, color='0.3', linewidth=0.8)
         ax.set_title(panel_title)
         ax.set_xlabel('epoch')
         ax.grid(alpha=0.3)
@@ -102,13 +146,39 @@ def plot_experiments(experiments: Sequence[Experiment], out_path: str, title: Op
             missing = ', '.join(exp.name for exp in experiments)
             ax.text(0.5, 0.5, f"no '{column}' column in\n{missing}\n(plain timm run: no DRLoc)",
                     ha='center', va='center', transform=ax.transAxes, fontsize=9, color='0.4')
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    fig.savefig(out_path, dpi=100)
-    plt.close(fig)
-    return out_path
+    return _save(plt, fig, out_path, title)
+
+
+def plot_top1_by_size(
+        points: Sequence[Tuple[int, int, str, float]],
+        out_path: str,
+        title: Optional[str] = None,
+        size_label: str = 'training images per class',
+) -> str:
+    """Final top-1 against training set size for each arm: every (size, seed) as a point, the mean over
+    seeds as a line. `points`: (size, seed, arm, top1) with arm 'baseline' or 'drloc'. Returns the file written
+    (see output_path)."""
+    plt, fig, ax = _new_figure(1, 1, (6.5, 4.5))
+    styles = {'baseline': ('plain timm (lambda 0)', 'C0', 'o', '--'), 'drloc': ('with DRLoc', 'C3', 's', '-')}
+    sizes = sorted({p[0] for p in points})
+    for arm, (label, color, marker, line) in styles.items():
+        mine = [p for p in points if p[2] == arm]
+        if not mine:
+            continue
+        offset = 1.02 if arm == 'drloc' else 0.98  # side by side, so equal values stay visible
+        ax.scatter([p[0] * offset for p in mine], [p[3] for p in mine], color=color, marker=marker, alpha=0.6,
+                   s=22, label=f'{label}, each seed')
+        means = [sum(p[3] for p in mine if p[0] == s) / max(1, sum(p[0] == s for p in mine)) for s in sizes]
+        ax.plot(sizes, means, color=color, linestyle=line, label=f'{label}, mean')
+    ax.set_xscale('log')
+    ax.set_xticks(sizes)
+    ax.set_xticklabels([str(s) for s in sizes])
+    ax.minorticks_off()
+    ax.set_xlabel(size_label)
+    ax.set_ylabel('final eval top-1 (%)')
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(plt, fig, out_path, title)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
