@@ -41,6 +41,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # overhead.py beside this file
 from overhead import (  # noqa: E402
     DEFAULT_MODELS, TINY_VIT, build_tasks, make_batch, make_step, model_img_size)
+from overhead import parse_args as overhead_args  # noqa: E402
 
 # operators that dispatch but launch no kernel besides the views torch marks as such: allocation only
 NO_KERNEL = frozenset((
@@ -192,8 +193,8 @@ def count_model(model_name: str, amp: bool, compile_head: bool, batch_size: int,
                 device: torch.device) -> ModelCounts:
     """Op counts of timm's step, DRLoc's step and the head alone for `model_name`."""
     size = model_img_size(model_name, img_size)
-    args = argparse.Namespace(img_size=size, seed=0, samples=64, hidden_dim=512, multiscale=False, aa=False,
-                              compile=False, compile_head=compile_head, opt='adamw')
+    # overhead.py's defaults (seed 0, m = 64, hidden 512, no kd / multiscale / A/A), so its new options follow
+    args = overhead_args(['--img-size', str(size), *(['--compile-head'] if compile_head else [])])
     tasks, _, drloc = build_tasks(args, model_name, device)
     images, labels = make_batch(batch_size, size, 0, device)
     steps = count_task_steps(tasks, images, labels, amp, compile_head)
