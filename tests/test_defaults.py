@@ -44,3 +44,10 @@ def test_the_drloc_flags_appear_in_their_own_help_group_naming_the_method():
     help_text = parser.format_help()
     assert 'DRLoc parameters:\n  The DRLoc auxiliary loss (Liu et al., NeurIPS 2021).' in help_text
     assert '--drloc-lambda' in help_text.split('DRLoc parameters:')[1]  # the flags are listed under it
+
+
+def test_without_input_size_a_model_with_no_convolution_is_probed_with_three_channels():
+    from collections import OrderedDict
+    model = nn.Sequential(OrderedDict(features=nn.PixelUnshuffle(4), pool=nn.AdaptiveAvgPool2d(1), flat=nn.Flatten()))
+    drloc = wrap(model, layers=['features'], hidden_dim=8)
+    assert (drloc.sources[0].num_chs, drloc.sources[0].grid_size) == (3 * 4 * 4, (56, 56))

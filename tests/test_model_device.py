@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 from timm_drloc import wrap
-from timm_drloc.head import offsets_to_targets, per_axis
+from timm_drloc.head import DRLocHead, offsets_to_targets, per_axis
 
 
 def tiny_cnn() -> nn.Module:
@@ -35,3 +35,11 @@ def test_per_axis_scales_of_a_non_square_grid_are_made_on_the_device_of_the_offs
     assert per_axis(3, 5, meta, torch.float32).device == meta
     classes = torch.zeros(2, 4, 2, device=meta)
     assert offsets_to_targets(classes, (3, 5), normalize=True).device == meta
+
+
+def test_the_cbr_loss_of_outputs_on_another_device_is_computed_there():
+    meta = torch.device('meta')
+    head = DRLocHead(8, (3, 5), mode='cbr', hidden_dim=8).to(meta)
+    out = torch.zeros(2, 4, 8, device=meta)
+    classes = torch.zeros(2, 4, 2, dtype=torch.long, device=meta)
+    assert head.loss(out, classes, (3, 5)).device == meta

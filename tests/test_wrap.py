@@ -422,8 +422,11 @@ def test_empty_layers_list_is_refused_with_its_own_message():
 
 
 def test_a_layer_named_twice_is_refused():
-    with pytest.raises(ValueError, match=r"layers names \['features'\] more than once"):
+    from timm_drloc.errors import SettingError
+    with pytest.raises(SettingError) as error:
         wrap(TinyCNN(), layers=['features', 'features'], input_size=(3, 32, 32))
+    assert (error.value.setting, str(error.value)) == (
+        'layers', "layers names ['features'] more than once; name each grid module once")
 
 
 def test_numpy_integers_are_valid_sample_and_width_counts():
