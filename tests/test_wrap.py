@@ -144,8 +144,10 @@ def test_multiscale_on_resnet_skips_the_stride_2_stem():
 
 def test_multiscale_on_single_scale_vit_is_refused():
     model, _ = make('vit_cls')
-    with pytest.raises(ValueError, match='multiscale=True needs a hierarchical model.*Use multiscale=False'):
+    with pytest.raises(ValueError, match='multiscale=True needs a hierarchical model.*Use multiscale=False') as error:
         wrap(model, multiscale=True)
+    strides = sorted({e['reduction'] for e in model.feature_info})  # one stride: every block's
+    assert f'VisionTransformer has features at stride(s) {strides} only' in str(error.value)
 
 
 def test_non_square_input_gives_non_square_grid():
