@@ -316,14 +316,24 @@ def test_config_wrong_type_is_rejected_with_the_key(monkeypatch, tmp_path, capsy
     (['--drloc-samples', '-4'], '--drloc-samples must be an integer >= 1 (pairs per image), got -4'),
     (['--drloc-mode', 'l2'], "invalid choice: 'l2'"),
     (['--drloc-hidden-dim', '0'], '--drloc-hidden-dim must be an integer >= 1, got 0'),
-    (['--drloc-lambda', '0.5', '--torchscript'], 'use --torchcompile instead'),
-    (['--drloc-lambda', '0.5', '--naflex-loader'], 'DRLoc needs a square token grid'),
 ])
 def test_bad_drloc_flags_exit_at_parse_time(monkeypatch, capsys, argv, message):
     with pytest.raises(SystemExit) as exc:
         _parse(monkeypatch, '--data-dir', '/data', *argv)
     assert exc.value.code == 2
     assert message.lower() in capsys.readouterr().err.lower()
+
+
+@pytest.mark.parametrize('argv, flag, fix', [
+    (['--naflex-loader'], '--naflex-loader', 'DRLoc needs a square token grid. Drop --naflex-loader'),
+    (['--torchscript'], '--torchscript', 'DRLoc reads grids with forward hooks. Use --torchcompile instead'),
+])
+def test_drloc_refuses_the_flags_it_cannot_run_with_naming_the_flag_and_the_fix(monkeypatch, capsys, argv, flag,
+                                                                                 fix):
+    with pytest.raises(SystemExit) as exc:
+        _parse(monkeypatch, '--data-dir', '/data', '--drloc-lambda', '0.5', *argv)
+    assert exc.value.code == 2
+    assert f'--drloc-lambda > 0 cannot be combined with {flag}: {fix}' in capsys.readouterr().err
 
 
 def test_old_loss_switches_become_loss_and_pos_weight(monkeypatch):

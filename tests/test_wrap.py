@@ -144,8 +144,10 @@ def test_multiscale_on_resnet_skips_the_stride_2_stem():
 
 def test_multiscale_on_single_scale_vit_is_refused():
     model, _ = make('vit_cls')
-    with pytest.raises(ValueError, match='multiscale=True needs a hierarchical model.*Use multiscale=False'):
+    with pytest.raises(ValueError, match='multiscale=True needs a hierarchical model.*Use multiscale=False') as error:
         wrap(model, multiscale=True)
+    strides = sorted({e['reduction'] for e in model.feature_info})  # one stride: every block's
+    assert f'VisionTransformer has features at stride(s) {strides} only' in str(error.value)
 
 
 def test_non_square_input_gives_non_square_grid():
@@ -422,8 +424,11 @@ def test_empty_layers_list_is_refused_with_its_own_message():
 
 
 def test_a_layer_named_twice_is_refused():
-    with pytest.raises(ValueError, match=r"layers names \['features'\] more than once"):
+    from timm_drloc.errors import SettingError
+    with pytest.raises(SettingError) as error:
         wrap(TinyCNN(), layers=['features', 'features'], input_size=(3, 32, 32))
+    assert (error.value.setting, str(error.value)) == (
+        'layers', "layers names ['features'] more than once; name each grid module once")
 
 
 def test_numpy_integers_are_valid_sample_and_width_counts():

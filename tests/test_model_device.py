@@ -1,0 +1,45 @@
+"""Where the DRLoc parts live: the heads and the grid probe on the backbone's device and in its dtype, the CPU
+in float32 for a backbone without parameters. The meta device stands in for a GPU (no memory, no kernels)."""
+from collections import OrderedDict
+
+import torch
+import torch.nn as nn
+
+from timm_drloc import wrap
+from timm_drloc.head import DRLocHead, offsets_to_targets, per_axis
+
+
+def tiny_cnn() -> nn.Module:
+    return nn.Sequential(OrderedDict(
+        features=nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, 2, 1)),
+        pool=nn.AdaptiveAvgPool2d(1), flat=nn.Flatten(), fc=nn.Linear(16, 4)))
+
+
+def test_a_backbone_on_another_device_is_probed_there_and_gets_its_heads_there():
+    drloc = wrap(tiny_cnn().to('meta'), layers=['features'], input_size=(3, 32, 48), hidden_dim=8)
+    assert drloc.sources[0].grid_size == (8, 12)
+    assert {p.device.type for p in drloc.heads.parameters()} == {'meta'}
+
+
+def test_a_backbone_without_parameters_gets_float32_heads_on_the_cpu():
+    model = nn.Sequential(OrderedDict(features=nn.PixelUnshuffle(4), pool=nn.AdaptiveAvgPool2d(1),
+                                      flat=nn.Flatten()))
+    drloc = wrap(model, layers=['features'], input_size=(3, 32, 32), hidden_dim=8)
+    assert {(p.device.type, p.dtype) for p in drloc.heads.parameters()} == {('cpu', torch.float32)}
+    _, loss = drloc(torch.randn(2, 3, 32, 32))
+    assert loss.ndim == 0 and torch.isfinite(loss)
+
+
+def test_per_axis_scales_of_a_non_square_grid_are_made_on_the_device_of_the_offsets():
+    meta = torch.device('meta')
+    assert per_axis(3, 5, meta, torch.float32).device == meta
+    classes = torch.zeros(2, 4, 2, device=meta)
+    assert offsets_to_targets(classes, (3, 5), normalize=True).device == meta
+
+
+def test_the_cbr_loss_of_outputs_on_another_device_is_computed_there():
+    meta = torch.device('meta')
+    head = DRLocHead(8, (3, 5), mode='cbr', hidden_dim=8).to(meta)
+    out = torch.zeros(2, 4, 8, device=meta)
+    classes = torch.zeros(2, 4, 2, dtype=torch.long, device=meta)
+    assert head.loss(out, classes, (3, 5)).device == meta
