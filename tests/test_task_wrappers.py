@@ -135,3 +135,18 @@ def test_lambda_that_is_not_a_number_is_refused(value):
     with pytest.raises(ValueError, match=re.escape(f'got {value!r}')):
         task.set_drloc_lambda(value)
     assert task.drloc_lambda == 0.5
+
+
+def test_ema_update_passes_the_step_on_so_warmup_starts_from_the_live_weights():
+    # timm's EMA warm-up: decay 1 - (1 + step / gamma) ** -power is 0 at step 0, so the copy becomes the live
+    # weights; without the step it would average with decay 0.9 instead
+    _, task = make_task()
+    task.setup_ema(decay=0.9, use_warmup=True)
+    with torch.no_grad():
+        for p in task.get_trainable_module().parameters():
+            p.add_(1.0)
+    task.update_ema(step=0)
+    live = task.get_trainable_module().state_dict()
+    ema = task.get_trainable_module(ema=True).module.state_dict()
+    for key, value in live.items():
+        assert torch.equal(ema[key], value), key
