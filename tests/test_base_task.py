@@ -212,6 +212,23 @@ def test_ema_averages_heads_projection_and_student_and_evaluates_a_plain_student
     torch.testing.assert_close(ema_model.pos_embed, 0.5 * (student.pos_embed - 1.0) + 0.5 * student.pos_embed)
 
 
+def test_ema_task_state_with_a_projection_round_trips():
+    # resuming EMA weights over feature distillation: the EMA projection loads strictly, as saved
+    _, saved = make_task('feature', seed=0)
+    saved.setup_ema(decay=0.5)
+    with torch.no_grad():
+        for p in saved.get_trainable_module(ema=True).parameters():
+            p.add_(0.25)
+    state = saved.get_task_state(ema=True)
+    assert set(state) == {'projection', 'drloc_heads'}
+    _, loaded = make_task('feature', seed=5)
+    loaded.setup_ema(decay=0.5)
+    loaded.load_task_state(state, ema=True)
+    for name, part in loaded.get_task_state(ema=True).items():
+        assert all(torch.equal(part[k], v) for k, v in state[name].items()), name
+    assert not torch.equal(loaded.get_task_state()['projection']['weight'], state['projection']['weight'])
+
+
 def test_ema_copy_reads_its_own_grids():
     _, task = make_task('logit')
     task.setup_ema(decay=0.5)
@@ -314,7 +331,7 @@ def test_a_model_the_base_task_does_not_train_is_refused():
 
 
 @pytest.mark.parametrize('prepare,message', [
-    (lambda base: base.compile(backend='eager'), 'already compiled or DDP-wrapped'),
+    (lambda base: base.compile(backend='eager'), r'already compiled or DDP-wrapped \(OptimizedModule\)'),
     (lambda base: base.setup_ema(), 'already has an EMA'),
     (lambda base: None, 'computes the task loss with its own criterion'),
 ])
@@ -390,3 +407,47 @@ def test_ddp_averages_the_gradients_of_heads_projection_and_student_across_two_r
         mean = (ranks[0]['local'][name] + ranks[1]['local'][name]) / 2
         for rank in ranks:
             torch.testing.assert_close(rank['ddp'][name], mean, msg=name)
+
+
+def test_an_explicit_device_wins_over_the_base_tasks():
+    # 'meta' is the one device besides the CPU that every machine has: the heads and task follow `device=`
+    student = make_student('logit')
+    task = DRLocTask(student, hidden_dim=16, base_task=make_base('logit', student), device=torch.device('meta'),
+                     verbose=False)
+    assert task.device == torch.device('meta')
+    assert {p.device.type for p in heads_of(task).parameters()} == {'meta'}
+
+
+def test_the_base_tasks_device_and_dtype_are_the_default():
+    student = make_student('logit')
+    base = BASE_TASKS['logit'](student, make_teacher(), device=torch.device('meta'), dtype=torch.bfloat16,
+                               verbose=False)
+    task = DRLocTask(student, hidden_dim=16, base_task=base, verbose=False)
+    assert (task.device, task.dtype) == (torch.device('meta'), torch.bfloat16)
+    assert {p.device.type for p in heads_of(task).parameters()} == {'meta'}
+
+
+def test_compile_gives_the_base_task_the_backend_and_mode(monkeypatch):
+    # the base task compiles its own module and teacher: with the options DRLocTask.compile() was given
+    _, task = make_task('logit')
+    calls = []
+    monkeypatch.setattr(torch, 'compile', lambda module, **options: calls.append(options) or module)
+    task.compile(backend='eager', mode='max-autotune')
+    assert len(calls) >= 3  # the base task's student and teacher, then backbone with heads
+    assert all(options['backend'] == 'eager' and options['mode'] == 'max-autotune' for options in calls), calls
+
+
+class _HeadsKeyTask(FeatureDistillationTask):
+    """A base task whose own task state has an entry named as DRLoc's."""
+
+    def get_task_state(self, module=None, ema=False):
+        return {'drloc_heads': {}}
+
+
+def test_a_base_task_keeping_state_named_drloc_heads_is_refused_by_name():
+    student = make_student('feature')
+    task = DRLocTask(student, hidden_dim=16, base_task=_HeadsKeyTask(student, make_teacher(), verbose=False),
+                     verbose=False)
+    with pytest.raises(RuntimeError, match=r"_HeadsKeyTask keeps task state named 'drloc_heads' too; DRLoc "
+                                           r"cannot be added to it"):
+        task.get_task_state()

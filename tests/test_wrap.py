@@ -419,8 +419,11 @@ def test_attention_tensor_named_in_layers_is_not_read_as_a_grid():
 
 
 def test_empty_layers_list_is_refused_with_its_own_message():
-    with pytest.raises(ValueError, match=r"layers=\[\] names no module.*layers=None"):
+    from timm_drloc.errors import SettingError
+    with pytest.raises(SettingError, match=r"layers=\[\] names no module.*layers=None") as error:
         wrap(TinyCNN(), layers=[], input_size=(3, 32, 32))
+    assert error.value.setting == 'layers'  # what maps it to --drloc-layers on the command line
+    assert error.value.message({'layers': '--drloc-layers'}).startswith('--drloc-layers=[] names no module')
 
 
 def test_a_layer_named_twice_is_refused():
@@ -446,6 +449,9 @@ def test_an_image_without_its_batch_dimension_is_refused_naming_the_layout():
     with pytest.raises(ValueError, match=r'needs a batch of images, \(B, C, H, W\), got a 3-D input of shape '
                                          r'\(3, 32, 32\)\. Add the batch dimension with x.unsqueeze\(0\)'):
         drloc(torch.randn(3, 32, 32))
+    with pytest.raises(ValueError) as error:  # other ranks: the shape, and no unsqueeze advice
+        drloc(torch.randn(2, 3 * 32 * 32))
+    assert str(error.value) == 'DRLocModel needs a batch of images, (B, C, H, W), got a 2-D input of shape (2, 3072).'
 
 
 @pytest.mark.parametrize('setting', [dict(hidden_dim=10 ** 9), dict(num_samples=10 ** 13)],
