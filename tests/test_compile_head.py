@@ -1,6 +1,7 @@
 """compile_head: DRLoc heads compiled alone train like eager ones for the same seed, compile once per
 kind of shape (not per step), and keep working under autocast, EMA, DDP and a whole-model compile."""
 import logging
+import os
 from typing import List, Optional
 
 import pytest
@@ -13,6 +14,12 @@ import torch.nn as nn
 import timm_drloc.train as train
 from timm_drloc.train import build
 from timm_drloc import DRLocHead, DRLocTask
+
+
+# mutmut's trampoline (MUTANT_UNDER_TEST set) sets a ContextVar in every mutated function, which dynamo cannot
+# trace: under mutation testing a whole graph, or a set number of compiles, cannot be asked for
+traceable_only = pytest.mark.skipif('MUTANT_UNDER_TEST' in os.environ,
+                                    reason='mutation testing: mutated functions break the graph')
 
 
 def make_task(**kwargs) -> DRLocTask:
@@ -65,6 +72,7 @@ def test_whole_model_compile_gives_the_eager_losses_for_the_same_seed():
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
 
 
+@traceable_only
 def test_compiled_head_compiles_once_per_kind_of_shape_and_reports_it_once(caplog):
     torch._dynamo.reset()
     head = DRLocHead(16, (8, 8), hidden_dim=16, compiled=True)
@@ -81,6 +89,7 @@ def test_compiled_head_compiles_once_per_kind_of_shape_and_reports_it_once(caplo
     assert sum('first compiled call took' in r.getMessage() for r in caplog.records) == 1
 
 
+@traceable_only
 def test_compiled_head_traces_into_an_enclosing_compile_without_graph_breaks():
     head = DRLocHead(16, (4, 5), hidden_dim=16, compiled=True)
     outer = torch.compile(head, backend='eager', fullgraph=True)  # fullgraph: a graph break would raise
@@ -89,6 +98,7 @@ def test_compiled_head_traces_into_an_enclosing_compile_without_graph_breaks():
     assert grid.grad.abs().sum() > 0
 
 
+@traceable_only
 def test_whole_drloc_model_compiles_into_one_graph():
     drloc = make_task(compile_head=True).get_trainable_module()
     drloc.train()
