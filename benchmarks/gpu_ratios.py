@@ -8,7 +8,8 @@ batch, their steps alternating (the order reverses every round), bf16 autocast, 
 * compiled: the same with task.compile() (the whole model, heads inside): timm | timm again | DRLoc
 
 Each ratio is a task's step time over timm's: the median of `--steps` timed steps after `--warmup`, and
-the fastest over the fastest (interference only adds time, so min is the steadier one). The A/A row is
+the fastest over the fastest (interference only adds time, so min is the steadier one), and the paired
+ratio (overhead.paired_ratio: the median of per-round ratios, with its 95 % interval). The A/A row is
 the yardstick: with nothing to measure it shows how far a ratio strays from 1.0. In eager mode the
 first batch size also reports the GPU kernels one step launches (torch.profiler), the count that
 benchmarks/opcount.py estimates on a CPU.
@@ -33,7 +34,7 @@ import torch.nn as nn
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # overhead.py, gpu_diag.py beside this file
 from gpu_diag import profile_step  # noqa: E402
 from overhead import (  # noqa: E402
-    DEFAULT_MODELS, create_model, make_batch, make_step, model_img_size, time_alternating)
+    DEFAULT_MODELS, create_model, make_batch, make_step, model_img_size, paired_ratio, time_alternating)
 
 
 def build_tasks(model_name: str, mode: str, img_size: int, device: torch.device,
@@ -80,8 +81,10 @@ def bench(model_name: str, args: argparse.Namespace, device: torch.device) -> No
         print(f'{model_name} batch {batch_size} ({args.mode}; {time.perf_counter() - started:.0f} s with warm-up '
               f'and compilation): timm {base_median * 1e3:.1f} ms/step median', flush=True)
         for name in list(tasks)[1:]:
+            paired, low, high = paired_ratio(fastest['timm'], fastest[name])
             print(f'  {name:<20} median ratio {statistics.median(wall[name]) / base_median:6.3f}   '
-                  f'min ratio {min(fastest[name]) / base_min:6.3f}', flush=True)
+                  f'min ratio {min(fastest[name]) / base_min:6.3f}   paired {paired:6.3f} [{low:.3f}, {high:.3f}]',
+                  flush=True)
         if index == 0 and args.mode == 'eager' and device.type == 'cuda':
             counts = {name: profile_step(steps[name], device)[1] for name in tasks}
             print('  GPU kernels per step: ' + ', '.join(

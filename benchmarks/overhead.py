@@ -8,7 +8,10 @@ cache), each step is forward + backward + optimizer step, and the step time repo
 when other processes share the cores: their work does not count). The `min ratio` compares the
 fastest step of each task (CPU time on a CPU, wall clock on CUDA): interference only adds time, so it
 is the steadiest of the three; `--aa` puts a second plain timm task in DRLoc's place to show how far
-from 1.0 each ratio strays with nothing to measure. Peak memory is measured on one extra step per task:
+from 1.0 each ratio strays with nothing to measure. The `paired` ratio is the median, over rounds, of
+DRLoc's step over the timm step timed next to it (same clock as the min ratio), with a distribution-free
+95 % interval for that median: the two steps of a round see the same machine, so drift in the load
+cancels, and the interval says what the run can resolve. Peak memory is measured on one extra step per task:
 
 * CUDA: `torch.cuda.max_memory_allocated()` during the step, minus what was allocated before it.
 * CPU: the peak of live bytes allocated by torch's CPU allocator during the step, minus the bytes live
@@ -33,6 +36,7 @@ distillation needs a distilled student (`--models deit_small_distilled_patch16_2
 """
 import argparse
 import copy
+import math
 import os
 import statistics
 import sys
@@ -174,6 +178,31 @@ def time_alternating(steps: Dict[str, Callable[[], None]], num_steps: int, warmu
     return wall, cpu
 
 
+def paired_ratio(base: Sequence[float], ours: Sequence[float], level: float = 0.95) -> Tuple[float, float, float]:
+    """The median of the per-round ratios ours[i] / base[i], and a distribution-free interval for it.
+
+    The interval is [r_(k), r_(n+1-k)] of the sorted ratios, k the largest rank whose binomial tail
+    P(Binomial(n, 1/2) < k) stays within (1 - level) / 2; it covers the true median ratio with at least
+    `level` probability if rounds are independent. With fewer than 6 rounds no rank qualifies at 95 %, and
+    the interval is the whole range of the ratios.
+
+    Returns:
+        (median, low, high).
+    """
+    ratios = sorted(o / b for b, o in zip(base, ours, strict=True))
+    n = len(ratios)
+    if n == 0:
+        raise ValueError('paired_ratio needs at least one round')
+    k, tail = 0, 0.0
+    while True:  # the tail P(B <= k) for B ~ Binomial(n, 1/2)
+        tail += math.comb(n, k) / 2 ** n
+        if tail > (1 - level) / 2:
+            break
+        k += 1
+    k = max(k, 1)
+    return statistics.median(ratios), ratios[k - 1], ratios[n - k]
+
+
 def model_img_size(model_name: str, img_size: int) -> int:
     """The input size a model is benchmarked at: `img_size`, except the tiny ViT's own 16 px."""
     return 16 if model_name == TINY_VIT else img_size
@@ -252,8 +281,8 @@ def build_tasks(args: argparse.Namespace, model_name: str, device: torch.device)
 
 
 def bench_model(args: argparse.Namespace, model_name: str, device: torch.device):
-    """Step time and memory of both tasks on `model_name` (StepStats by task name), the DRLoc grid shapes and
-    the operators DRLoc adds (see count_added_ops)."""
+    """Step time and memory of both tasks on `model_name` (StepStats by task name), the paired ratio
+    (median, low, high; see paired_ratio), the DRLoc grid shapes and the operators DRLoc adds (count_added_ops)."""
     tasks, optimizers, drloc = build_tasks(args, model_name, device)
     images, labels = make_batch(args.batch_size, args.img_size, args.seed, device)
     phases = {name: {} for name in tasks}
@@ -269,7 +298,8 @@ def bench_model(args: argparse.Namespace, model_name: str, device: torch.device)
                              peak_step_memory(steps[name], device)) for name in steps}
     sources = [] if args.aa else drloc.trainable_module.sources
     grids = [(s.grid_size, s.num_chs, s.layout) for s in sources]
-    return stats, grids, count_added_ops(args, tasks, images, labels)
+    paired = paired_ratio(fastest['timm'], fastest['drloc'])
+    return stats, paired, grids, count_added_ops(args, tasks, images, labels)
 
 
 def count_added_ops(args: argparse.Namespace, tasks: Dict[str, nn.Module], images: torch.Tensor,
@@ -370,11 +400,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from opcount import profile_compiled_kernels
         profile_compiled_kernels()  # before anything compiles, so that the op count sees the generated kernels
     print(f"{'model':<32} {'timm s':>8} {'drloc s':>8} {'ratio':>6} {'cpu ratio':>9} {'min ratio':>9} {'img/s timm':>10} "
-          f"{'img/s drloc':>11} {'MiB timm':>8} {'MiB drloc':>9} {'mem ratio':>9} {'ops +k/+v':>10}  grids")
+          f"{'img/s drloc':>11} {'MiB timm':>8} {'MiB drloc':>9} {'mem ratio':>9} {'ops +k/+v':>10} "
+          f"{'paired [95 % interval]':>23}  grids")
     rows, head_shapes = [], {}
     for model_name in args.models:
         try:
-            stats, grids, ops = bench_model(args, model_name, device)
+            stats, paired, grids, ops = bench_model(args, model_name, device)
         except ValueError as e:  # e.g. --multiscale on a ViT
             print(f'{model_name:<32} skipped: {e}')
             continue
@@ -387,14 +418,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f'{model_name:<32} {base.seconds:8.3f} {ours.seconds:8.3f} {ratio:6.3f} {cpu_ratio:9.3f} {min_ratio:9.3f} '
               f'{args.batch_size / base.seconds:10.1f} {args.batch_size / ours.seconds:11.1f} '
               f'{mib(base.peak_bytes)} {mib(ours.peak_bytes):>9} {mem_ratio:9.3f} '
-              f'{"n/a" if ops is None else f"{ops[0]:+d}/{ops[1]:+d}":>10}  {grid_text}', flush=True)
-        rows.append((model_name, ratio, cpu_ratio, min_ratio))
+              f'{"n/a" if ops is None else f"{ops[0]:+d}/{ops[1]:+d}":>10} '
+              f'{f"{paired[0]:.3f} [{paired[1]:.3f}, {paired[2]:.3f}]":>23}  {grid_text}', flush=True)
+        rows.append((model_name, ratio, cpu_ratio, min_ratio, paired[0]))
         for grid in grids:
             head_shapes.setdefault(grid, model_name)
     if rows:
         worst = max(rows, key=lambda r: r[1])
         print(f'# worst wall-clock step-time ratio: {worst[1]:.3f} ({worst[0]}); '
-              f'worst CPU-time ratio: {max(r[2] for r in rows):.3f}; worst min ratio: {max(r[3] for r in rows):.3f}')
+              f'worst CPU-time ratio: {max(r[2] for r in rows):.3f}; worst min ratio: {max(r[3] for r in rows):.3f}; '
+              f'worst paired ratio: {max(r[4] for r in rows):.3f}')
     if args.skip_head or not head_shapes:
         return 0
     clock = 'wall' if device.type == 'cuda' else 'process CPU'
