@@ -8,6 +8,7 @@ import os
 import pytest
 import timm
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 from timm.optim import create_optimizer_v2
@@ -180,7 +181,7 @@ def test_task_state_round_trip_restores_heads_and_projection():
 
 
 @pytest.mark.parametrize('missing,message', [
-    ('projection', r"has entries \[\], this task keeps \['projection'\]"),
+    ('projection', r"task state for FeatureDistillationTask has entries \[\], this task keeps \['projection'\]"),
     ('drloc_heads', 'no DRLoc head state'),
 ])
 def test_task_state_missing_the_projection_or_the_heads_is_refused(missing, message):
@@ -359,8 +360,123 @@ def test_drloc_twice_and_a_grid_read_by_forward_intermediates_are_refused():
 
 def test_ddp_find_unused_parameters_is_refused():
     _, task = make_task('logit')
-    with pytest.raises(ConfigError, match='find_unused_parameters=True'):
+    with pytest.raises(ConfigError) as error:
         task.prepare_distributed(find_unused_parameters=True)
+    assert str(error.value) == (
+        "find_unused_parameters=True does not work with DRLoc over a base task: DDP looks for used parameters in "
+        "the module output, and the DRLoc loss travels beside it. Leave it False (every head parameter gets a "
+        "gradient at each step).")
+
+
+# --- DDP in this process: a one-rank gloo group --------------------------------------------------------
+
+@pytest.fixture
+def process_group(tmp_path):
+    dist.init_process_group('gloo', init_method=f'file://{tmp_path}/pg', rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.mark.usefixtures('process_group')
+@pytest.mark.parametrize('kind', ['logit', 'feature'])
+def test_prepare_distributed_lets_the_base_task_wrap_a_module_holding_the_heads(kind):
+    student, task = make_task(kind)
+    trainable = task.get_trainable_module()
+    assert task.prepare_distributed(gradient_as_bucket_view=True) is task
+    ddp = task.get_trainable_module()
+    assert isinstance(ddp, nn.parallel.DistributedDataParallel) and ddp.module is trainable
+    assert ddp.gradient_as_bucket_view is True  # the DDP options reach DDP through the base task
+    assert task.base_task.trainable_module is ddp
+    assert task.get_eval_model() is student
+    task.train()
+    task(*batch())['loss'].backward()
+    assert all(p.grad is not None for p in trainable.heads.parameters())
+
+
+@pytest.mark.usefixtures('process_group')
+def test_prepare_distributed_gives_the_base_task_the_device_ids():
+    _, task = make_task('logit')
+    with pytest.raises(ValueError, match='device_ids'):  # DDP refuses device ids for a CPU module: they reached it
+        task.prepare_distributed(device_ids=[torch.device('cpu')])
+
+
+class _ReplacingTask(LogitDistillationTask):
+    """A base task whose prepare_distributed() swaps its trainable module for one without the heads."""
+
+    def prepare_distributed(self, device_ids=None, **ddp_kwargs):
+        self.trainable_module = nn.Sequential(nn.Linear(2, 2))
+        return self
+
+
+def test_a_base_task_that_drops_the_heads_when_distributing_is_refused():
+    student = make_student('logit')
+    task = DRLocTask(student, hidden_dim=16, base_task=_ReplacingTask(student, make_teacher(), verbose=False),
+                     verbose=False)
+    with pytest.raises(RuntimeError) as error:
+        task.prepare_distributed()
+    assert str(error.value) == (
+        "_ReplacingTask.prepare_distributed() replaced its trainable module with Sequential, which does not hold "
+        "the DRLoc heads: their gradients would not be averaged across ranks.")
+
+
+class _RecordingTask(FeatureDistillationTask):
+    """Feature distillation that records how DRLocTask asks for its task state."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.calls = []
+
+    def get_task_state(self, module=None, ema=False):
+        self.calls.append(('get', module is not None, ema))
+        return super().get_task_state(module=module, ema=ema)
+
+    def load_task_state(self, state, strict=True, module=None, ema=False):
+        self.calls.append(('load', module is not None, ema, strict))
+        return super().load_task_state(state, strict=strict, module=module, ema=ema)
+
+
+@pytest.mark.parametrize('ema', [False, True])
+@pytest.mark.parametrize('strict', [True, False])
+def test_loading_task_state_hands_the_base_task_its_module_ema_and_strict(ema, strict):
+    student = make_student('feature')
+    base = _RecordingTask(student, make_teacher(), verbose=False)
+    task = DRLocTask(student, hidden_dim=16, base_task=base, verbose=False)
+    task.setup_ema(decay=0.5)
+    state = task.get_task_state(ema=ema)
+    base.calls.clear()
+    task.load_task_state(state, strict=strict, ema=ema)
+    loads = [call for call in base.calls if call[0] == 'load']
+    gets = [call for call in base.calls if call[0] == 'get']
+    assert loads == [('load', True, ema, strict)]
+    assert gets and set(gets) == {('get', True, ema)}  # the entries it expects: of the copy being loaded
+
+
+def test_a_projection_state_with_missing_keys_loads_only_without_strict():
+    _, task = make_task('feature')
+    state = task.get_task_state()
+    projection = task.get_trainable_module().module.projection
+    state['projection'] = {'weight': torch.full_like(projection.weight, 0.5)}  # no bias
+    bias = projection.bias.detach().clone()
+    with pytest.raises(RuntimeError, match=r'Missing key\(s\) in state_dict: "bias"'):
+        task.load_task_state(state)
+    task.load_task_state(state, strict=False)
+    assert torch.equal(projection.weight, torch.full_like(projection.weight, 0.5))
+    assert torch.equal(projection.bias, bias)
+
+
+class _OwnEvaluatorTask(LogitDistillationTask):
+    def create_evaluator(self, **kwargs):
+        return ('own evaluator', kwargs)
+
+
+def test_the_evaluator_is_the_base_tasks_over_a_base_task_and_timms_alone():
+    from timm.task.evaluator import ClassificationEvaluator
+    student = make_student('logit')
+    task = DRLocTask(student, hidden_dim=16, base_task=_OwnEvaluatorTask(student, make_teacher(), verbose=False),
+                     verbose=False)
+    assert task.create_evaluator(topk=(1, 3)) == ('own evaluator', {'topk': (1, 3)})
+    alone = DRLocTask(make_student('logit'), hidden_dim=16, verbose=False)
+    assert isinstance(alone.create_evaluator(), ClassificationEvaluator)
 
 
 # --- DDP: two real processes, gloo ----------------------------------------------------------------------

@@ -354,3 +354,23 @@ class Padded(nn.Module):
 def test_a_map_one_cell_wider_than_the_input_suggests_is_still_a_grid():
     drloc = wrap(Padded(), layers=['map'], input_size=(3, 16, 32), hidden_dim=8)
     assert (drloc.sources[0].layout, drloc.sources[0].grid_size) == ('NCHW', (2, 5))
+
+
+class ManyBlocks(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.Sequential(*[nn.Conv2d(3, 3, 1) for _ in range(12)])
+        self.other = nn.Sequential(*[nn.Conv2d(3, 3, 1) for _ in range(12)])
+
+    def forward(self, x):
+        return self.other(self.blocks(x)).mean((2, 3))
+
+
+@pytest.mark.parametrize('name,listed', [
+    ('blocks.20', ['blocks'] + [f'blocks.{i}' for i in range(7)]),  # the names under its first part
+    ('layer4', ['blocks'] + [f'blocks.{i}' for i in range(7)]),  # none match: the first names the model has
+])
+def test_an_unknown_layer_lists_at_most_eight_close_names(name, listed):
+    with pytest.raises(ValueError) as error:
+        wrap(ManyBlocks(), layers=[name], input_size=(3, 8, 8))
+    assert f"Some module names it has: {listed}." in str(error.value)

@@ -187,3 +187,16 @@ def test_memory_estimate_counts_weights_and_pair_activations():
     memory = head_memory([(8, (4, 4))], hidden_dim=16, num_samples=10, batch_size=3)
     assert memory.weights == 578 * 4 * 4  # float32 weights, gradients and two Adam moments
     assert memory.activations == 4 * 30 * (2 * 8 + 4 * 16 + 2) + 8 * 4 * 30  # 30 pairs, and their positions
+
+
+def test_positions_are_drawn_on_the_device_asked_for():
+    # the meta device stands in for an accelerator: pairs drawn elsewhere would cost a copy per step
+    positions = sample_positions(2, 4, 5, 8, torch.device('meta'))
+    assert positions.device.type == 'meta' and positions.shape == (2, 2, 8, 2)
+
+
+def test_the_heads_repr_lists_its_settings_and_says_compiled_only_when_it_is():
+    plain = DRLocHead(16, (4, 5), hidden_dim=8)
+    assert plain.extra_repr() == "mode=l1, num_samples=64, use_abs=True, normalize=False, grid_size=(4, 5)"
+    compiled = DRLocHead(16, (4, 5), hidden_dim=8, compiled=True)
+    assert compiled.extra_repr() == plain.extra_repr() + ", compiled=True"
