@@ -6,6 +6,7 @@ from typing import Callable, Sequence
 import huggingface_hub
 import numpy as np
 import pytest
+import torch.distributed as dist
 from PIL import Image
 
 
@@ -58,3 +59,11 @@ def offline_hub(monkeypatch):
     def whoami(api, *args, **kwargs):
         raise ConnectionError('no network in the test suite')
     monkeypatch.setattr(huggingface_hub.HfApi, 'whoami', whoami)
+
+
+@pytest.fixture
+def process_group(tmp_path):
+    """A one-rank gloo process group, for DDP in the test's own process."""
+    dist.init_process_group('gloo', init_method=f'file://{tmp_path}/pg', rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()

@@ -8,7 +8,6 @@ import os
 import pytest
 import timm
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 from timm.optim import create_optimizer_v2
@@ -368,14 +367,7 @@ def test_ddp_find_unused_parameters_is_refused():
         "gradient at each step).")
 
 
-# --- DDP in this process: a one-rank gloo group --------------------------------------------------------
-
-@pytest.fixture
-def process_group(tmp_path):
-    dist.init_process_group('gloo', init_method=f'file://{tmp_path}/pg', rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-
+# --- DDP in this process: a one-rank gloo group (conftest.process_group) ---------------------------------
 
 @pytest.mark.usefixtures('process_group')
 @pytest.mark.parametrize('kind', ['logit', 'feature'])
@@ -391,13 +383,9 @@ def test_prepare_distributed_lets_the_base_task_wrap_a_module_holding_the_heads(
     task.train()
     task(*batch())['loss'].backward()
     assert all(p.grad is not None for p in trainable.heads.parameters())
-
-
-@pytest.mark.usefixtures('process_group')
-def test_prepare_distributed_gives_the_base_task_the_device_ids():
-    _, task = make_task('logit')
+    _, refused = make_task(kind)
     with pytest.raises(ValueError, match='device_ids'):  # DDP refuses device ids for a CPU module: they reached it
-        task.prepare_distributed(device_ids=[torch.device('cpu')])
+        refused.prepare_distributed(device_ids=[torch.device('cpu')])
 
 
 class _ReplacingTask(LogitDistillationTask):

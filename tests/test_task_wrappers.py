@@ -5,7 +5,6 @@ import re
 import pytest
 import timm
 import torch
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from timm_drloc import DRLocModel, DRLocTask
@@ -40,13 +39,6 @@ def test_compile_gives_torch_compile_the_backend_mode_and_options_for_both_modul
     monkeypatch.setattr(torch, 'compile', lambda module, **options: calls.append((module, options)) or module)
     task.compile(**kwargs)
     assert calls == [(model, expected), (drloc, expected)]
-
-
-@pytest.fixture
-def process_group(tmp_path):
-    dist.init_process_group('gloo', init_method=f'file://{tmp_path}/pg', rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
 
 
 @pytest.mark.usefixtures('process_group')
