@@ -418,6 +418,10 @@ class _RecordingTask(FeatureDistillationTask):
         self.calls.append(('get', module is not None, ema))
         return super().get_task_state(module=module, ema=ema)
 
+    def get_eval_model(self, module=None, ema=False):
+        self.calls.append(('eval', module is not None, ema))
+        return super().get_eval_model(module=module, ema=ema)
+
     def load_task_state(self, state, strict=True, module=None, ema=False):
         self.calls.append(('load', module is not None, ema, strict))
         return super().load_task_state(state, strict=strict, module=module, ema=ema)
@@ -437,6 +441,29 @@ def test_loading_task_state_hands_the_base_task_its_module_ema_and_strict(ema, s
     gets = [call for call in base.calls if call[0] == 'get']
     assert loads == [('load', True, ema, strict)]
     assert gets and set(gets) == {('get', True, ema)}  # the entries it expects: of the copy being loaded
+
+
+@pytest.mark.parametrize('ema', [False, True])
+def test_the_eval_model_and_task_state_come_from_the_base_task_for_the_copy_asked_for(ema):
+    student = make_student('feature')
+    base = _RecordingTask(student, make_teacher(), verbose=False)
+    task = DRLocTask(student, hidden_dim=16, base_task=base, verbose=False)
+    task.setup_ema(decay=0.5)
+    base.calls.clear()
+    eval_model = task.get_eval_model(ema=ema)
+    assert (eval_model is student) is not ema and type(eval_model) is type(student)
+    assert set(task.get_task_state(ema=ema)) == {'projection', 'drloc_heads'}
+    assert base.calls == [('eval', True, ema), ('get', True, ema)]
+
+
+def test_a_task_state_without_heads_still_loads_the_projection_without_strict():
+    _, saved = make_task('feature', seed=0)
+    _, loaded = make_task('feature', seed=5)
+    state = saved.get_task_state()
+    del state['drloc_heads']
+    loaded.load_task_state(state, strict=False)
+    restored = loaded.get_task_state()['projection']
+    assert all(torch.equal(restored[k], v) for k, v in state['projection'].items())
 
 
 def test_a_projection_state_with_missing_keys_loads_only_without_strict():
@@ -555,3 +582,67 @@ def test_a_base_task_keeping_state_named_drloc_heads_is_refused_by_name():
     with pytest.raises(RuntimeError, match=r"_HeadsKeyTask keeps task state named 'drloc_heads' too; DRLoc "
                                            r"cannot be added to it"):
         task.get_task_state()
+
+
+class _EagerBaseTask(LogitDistillationTask):
+    """A base task that compiles nothing itself (TrainingTask.compile's default: None)."""
+
+    def compile(self, backend='inductor', mode=None, **compile_kwargs):
+        return None
+
+
+def test_over_a_base_task_that_compiles_nothing_the_eval_model_is_compiled_with_the_options(monkeypatch):
+    student = make_student('logit')
+    task = DRLocTask(student, hidden_dim=16, base_task=_EagerBaseTask(student, make_teacher(), verbose=False),
+                     verbose=False)
+    trainable = task.get_trainable_module()
+    calls = []
+    monkeypatch.setattr(torch, 'compile', lambda module, **options: calls.append((module, options)) or module)
+    eval_model = task.compile(backend='eager', mode='max-autotune')
+    assert eval_model is student
+    assert calls == [(student, dict(backend='eager', mode='max-autotune')),
+                     (trainable, dict(backend='eager', mode='max-autotune'))]
+
+
+class _FailingCompileTask(LogitDistillationTask):
+    def compile(self, backend='inductor', mode=None, **compile_kwargs):
+        raise RuntimeError('no compiler here')
+
+
+def test_a_base_task_whose_compile_fails_keeps_the_module_with_the_heads():
+    student = make_student('logit')
+    base = _FailingCompileTask(student, make_teacher(), verbose=False)
+    task = DRLocTask(student, hidden_dim=16, base_task=base, verbose=False)
+    trainable = task.get_trainable_module()
+    with pytest.raises(RuntimeError, match='no compiler here'):
+        task.compile(backend='eager')
+    assert base.trainable_module is trainable and task.get_trainable_module() is trainable
+    task.train()
+    assert torch.isfinite(task(*batch())['drloc_loss'])
+
+
+class _Scaled(nn.Module):
+    """A trainable module whose forward takes more than the images."""
+
+    def __init__(self, student: nn.Module):
+        super().__init__()
+        self.student = student
+
+    def forward(self, x, scale, shift=0.0):
+        return self.student(x) * scale + shift
+
+
+@pytest.mark.parametrize('train', [True, False])
+def test_the_wrapper_hands_the_inner_module_every_argument(train):
+    from timm_drloc.trainable import DRLocTrainableModule
+    student = make_student('logit')
+    drloc = wrap(student, hidden_dim=16, layers=['blocks.1'])
+    module = DRLocTrainableModule(drloc.heads, _Scaled(student), drloc.reader).train(train)
+    images = batch()[0]
+    with torch.no_grad():
+        expected = student.eval()(images) * 2.0 + 1.0
+        module.train(train)
+        student.train(False)  # no dropout in these students: train and eval give the same logits
+        torch.testing.assert_close(module(images, 2.0, shift=1.0), expected)
+    if train:
+        assert torch.isfinite(module.pop_drloc_loss())

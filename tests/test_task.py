@@ -192,3 +192,37 @@ def test_drloc_alone_gives_the_losses_recorded_before_base_tasks(mode):
         optimizer.zero_grad()
         steps.append([out[k].item() for k in ('loss', 'task_loss', 'drloc_loss')])
     torch.testing.assert_close(torch.tensor(steps), torch.tensor(RECORDED_STEPS[mode]), rtol=1e-5, atol=1e-5)
+
+
+def test_an_explicit_module_is_read_for_the_eval_model_and_the_task_state():
+    # e.g. the EMA copy or a module from another run: what is asked about, not the task's own module
+    _, task = make_task()
+    other_model, other = make_task()
+    torch.nn.init.normal_(other.get_trainable_module().heads[0].mlp[0].weight)
+    module = other.get_trainable_module()
+    assert task.get_eval_model(module=module) is other_model
+    state = task.get_task_state(module=module)['drloc_heads']
+    assert all(torch.equal(v, module.heads.state_dict()[k]) for k, v in state.items())
+
+
+def test_heads_state_missing_a_key_loads_the_rest_only_without_strict():
+    _, task = make_task()
+    heads = task.get_trainable_module().heads
+    state = {k: torch.full_like(v, 0.25) for k, v in heads.state_dict().items()}
+    missing = next(k for k in state if k.endswith('bias'))
+    kept = heads.state_dict()[missing].clone()
+    del state[missing]
+    with pytest.raises(RuntimeError, match=f'Missing key.*"{missing}"'):
+        task.load_task_state({'drloc_heads': state})
+    task.load_task_state({'drloc_heads': state}, strict=False)
+    loaded = heads.state_dict()
+    assert torch.equal(loaded[missing], kept)
+    assert all(torch.equal(loaded[k], v) for k, v in state.items())
+
+
+def test_an_empty_task_state_without_strict_is_a_no_op_even_before_ema_exists():
+    _, task = make_task()
+    before = {k: v.clone() for k, v in task.get_task_state()['drloc_heads'].items()}
+    task.load_task_state({}, strict=False, ema=True)  # no EMA yet: nothing to load, nothing to refuse
+    task.load_task_state(None, strict=False)
+    assert all(torch.equal(v, before[k]) for k, v in task.get_task_state()['drloc_heads'].items())
