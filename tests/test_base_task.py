@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 from timm.optim import create_optimizer_v2
 from timm.task import (
-    ClassificationTask, FeatureDistillationTask, LogitDistillationTask, TokenDistillationTask)
+    ClassificationTask, FeatureDistillationTask, LogitDistillationTask, TokenDistillationTask, TrainingTask)
 
 from timm_drloc import DRLocTask, wrap
 from timm_drloc.errors import ConfigError
@@ -287,8 +287,10 @@ def test_compiled_task_gives_the_uncompiled_numbers_and_a_plain_checkpoint():
 def test_forward_in_eval_mode_says_to_call_train():
     _, task = make_task('logit')
     task.eval()
-    with pytest.raises(RuntimeError, match=r'call task.train\(\)'):
+    with pytest.raises(RuntimeError) as error:
         task(*batch())
+    assert str(error.value) == ("The base task's forward did not run its trainable module in train mode, so there is "
+                                "no DRLoc loss: call task.train() before training steps.")
 
 
 class MLPStudent(nn.Module):
@@ -330,31 +332,52 @@ def test_a_model_the_base_task_does_not_train_is_refused():
         DRLocTask(make_student('feature'), base_task=base, verbose=False)
 
 
-@pytest.mark.parametrize('prepare,message', [
-    (lambda base: base.compile(backend='eager'), r'already compiled or DDP-wrapped \(OptimizedModule\)'),
-    (lambda base: base.setup_ema(), 'already has an EMA'),
-    (lambda base: None, 'computes the task loss with its own criterion'),
-])
+class _NoModuleTask(TrainingTask):
+    """A timm task that keeps no trainable module."""
+
+
+@pytest.mark.parametrize('prepare,message', [  # prepare: the base task -> what is passed as base_task
+    (lambda base: [base.compile(backend='eager'), base][-1],
+     "the trainable module of LogitDistillationTask is already compiled or DDP-wrapped (OptimizedModule). Add DRLoc "
+     "first; DRLocTask.compile() and prepare_distributed() then do both for the base task too."),
+    (lambda base: [base.setup_ema(), base][-1],
+     "LogitDistillationTask already has an EMA, whose copy would lack the DRLoc heads. Call setup_ema() on the "
+     "DRLocTask instead."),
+    (lambda base: base,
+     "criterion / criterion_kwargs with base_task: LogitDistillationTask computes the task loss with its own "
+     "criterion. Pass the criterion to the base task instead."),
+    (lambda base: base.trainable_module,  # the student itself
+     "base_task must be a timm.task.TrainingTask, got VisionTransformer. Build a timm task (e.g. "
+     "LogitDistillationTask(model, teacher)) and pass it."),
+    (lambda base: _NoModuleTask(),
+     "_NoModuleTask keeps no `trainable_module`: DRLoc needs the module the task trains to put its heads beside it."),
+], ids=['compiled', 'ema', 'criterion', 'not-a-task', 'no-module'])
 def test_a_base_task_that_cannot_take_drloc_is_refused(prepare, message):
     student = make_student('logit')
     base = make_base('logit', student)
-    prepare(base)
     criterion = nn.CrossEntropyLoss() if 'criterion' in message else None
-    with pytest.raises(ConfigError, match=message):
-        DRLocTask(student, base_task=base, criterion=criterion, verbose=False)
+    with pytest.raises(ConfigError) as error:
+        DRLocTask(student, base_task=prepare(base), criterion=criterion, verbose=False)
+    assert str(error.value) == message
 
 
 def test_drloc_twice_and_a_grid_read_by_forward_intermediates_are_refused():
     student, task = make_task('logit')
-    with pytest.raises(ConfigError, match='add DRLoc to a task once'):
+    with pytest.raises(ConfigError) as error:
         DRLocTask(student, base_task=task, verbose=False)
-    with pytest.raises(ConfigError, match='add DRLoc to a task once'):
+    assert str(error.value) == "base_task is a DRLocTask already: add DRLoc to a task once."
+    with pytest.raises(ConfigError) as error:
         DRLocTask(student, base_task=task.base_task, verbose=False)
+    assert str(error.value) == "LogitDistillationTask already has DRLoc: add DRLoc to a task once."
     torch.manual_seed(0)  # Twins: feature_info names a container, so its grid comes from forward_intermediates()
     twins = timm.create_model('twins_svt_small', pretrained=False, img_size=64, num_classes=4, depths=(1, 1, 1, 1),
                               embed_dims=(8, 16, 16, 32), num_heads=(1, 1, 1, 1), sr_ratios=(2, 1, 1, 1))
-    with pytest.raises(ConfigError, match=r'forward_intermediates\(\).*layers=\[\.\.\.\]'):
+    with pytest.raises(ConfigError) as error:
         DRLocTask(twins, base_task=make_base('logit', twins), hidden_dim=8, verbose=False)
+    assert str(error.value) == (
+        "Twins's grid is read with forward_intermediates() (['block.3']), a forward pass of its own; over a base task "
+        "the grid must come from the pass the base task runs. Name the module that outputs the grid with "
+        "layers=[...] (--drloc-layers).")
 
 
 def test_ddp_find_unused_parameters_is_refused():
@@ -563,9 +586,9 @@ def test_compile_gives_the_base_task_the_backend_and_mode(monkeypatch):
     _, task = make_task('logit')
     calls = []
     monkeypatch.setattr(torch, 'compile', lambda module, **options: calls.append(options) or module)
-    task.compile(backend='eager', mode='max-autotune')
+    task.compile(backend='eager', mode='max-autotune', dynamic=False)
     assert len(calls) >= 3  # the base task's student and teacher, then backbone with heads
-    assert all(options['backend'] == 'eager' and options['mode'] == 'max-autotune' for options in calls), calls
+    assert all(options == dict(backend='eager', mode='max-autotune', dynamic=False) for options in calls), calls
 
 
 class _HeadsKeyTask(FeatureDistillationTask):
