@@ -190,6 +190,36 @@ def test_multi_branch_module_without_the_feature_info_branch_is_read_through_for
     torch.testing.assert_close(grid_received(drloc, x), model.conv(x).permute(0, 2, 3, 1), rtol=0, atol=0)
 
 
+class SideMapAndGrid(nn.Module):
+    def forward(self, y):
+        return y[:, :3] * 2, y  # B, 3, H, W and B, 6, H, W
+
+
+class GridSecond(nn.Module):
+    """feature_info names a module returning (a 3-channel side map, the 6-channel grid), both NCHW; no
+    forward_intermediates to fall back on."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, stride=4, padding=1)
+        self.pair = SideMapAndGrid()
+        self.fc = nn.Linear(6, 2)
+        self.feature_info = [dict(module='pair', num_chs=6, reduction=4)]
+
+    def forward(self, x):
+        return self.fc(self.pair(self.conv(x))[1].mean((2, 3)))
+
+
+def test_the_tuple_element_with_the_feature_info_channels_is_the_grid():
+    torch.manual_seed(0)
+    model = GridSecond()
+    drloc = wrap(model, input_size=(3, 32, 32), hidden_dim=8)
+    source = drloc.sources[0]
+    assert (source.output_index, source.layout, source.grid_size, source.num_chs) == (1, 'NCHW', (8, 8), 6)
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(grid_received(drloc, x), model.conv(x).permute(0, 2, 3, 1), rtol=0, atol=0)
+
+
 class NoIntermediates(nn.Module):
     def __init__(self):
         super().__init__()

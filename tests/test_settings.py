@@ -68,3 +68,20 @@ def test_flags_given_without_lambda_are_named_as_ignored():
         '--drloc-samples', '--drloc-multiscale']
     assert ignored_drloc_flags(_args('--drloc-lambda', '0.5', '--drloc-multiscale')) == []
     assert {s.flag for s in SETTINGS} >= {'--drloc-lambda', '--drloc-layers', '--drloc-decay'}
+
+
+def test_layers_with_multiscale_is_refused_as_the_multiscale_setting_in_keyword_and_flag_terms():
+    with pytest.raises(SettingError) as library:
+        check_settings(layers=['blocks.1'], multiscale=True)
+    assert (library.value.setting, library.value.value) == ('multiscale', True)
+    with pytest.raises(ConfigError) as command_line:
+        drloc_kwargs(_args('--drloc-lambda', '0.5', '--drloc-multiscale', '--drloc-layers', 'blocks.1'))
+    assert str(command_line.value) == ('--drloc-multiscale picks the stages itself; with --drloc-layers name each '
+                                       'grid module instead')
+
+
+def test_an_empty_layers_list_is_refused_saying_how_to_name_a_grid_module():
+    with pytest.raises(SettingError) as error:
+        check_settings(layers=[])
+    assert str(error.value) == ("layers=[] names no module; name the grid module(s) as model.named_modules() lists "
+                                "them, e.g. ['blocks.11'], or layers=None to use timm's feature_info")
