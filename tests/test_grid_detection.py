@@ -190,6 +190,24 @@ def test_multi_branch_module_without_the_feature_info_branch_is_read_through_for
     torch.testing.assert_close(grid_received(drloc, x), model.conv(x).permute(0, 2, 3, 1), rtol=0, atol=0)
 
 
+class NormedByDefault(Branches):
+    """Branches whose forward_intermediates normalizes its features over channels unless told not to."""
+
+    def forward_intermediates(self, x, indices=None, norm=True):
+        y = self.conv(x)
+        feature = y - y.mean(1, keepdim=True) if norm else y
+        return y, [feature] if 0 in indices else []
+
+
+def test_forward_intermediates_features_are_read_without_norm_whatever_the_models_default():
+    torch.manual_seed(0)
+    model = NormedByDefault()
+    drloc = wrap(model, input_size=(3, 32, 32), hidden_dim=8)
+    assert drloc.route == 'intermediates'
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(grid_received(drloc, x), model.conv(x).permute(0, 2, 3, 1), rtol=0, atol=0)
+
+
 class SideMapAndGrid(nn.Module):
     def forward(self, y):
         return y[:, :3] * 2, y  # B, 3, H, W and B, 6, H, W
