@@ -10,6 +10,7 @@ import torch.nn as nn
 
 from timm_drloc import DRLocHead, relative_targets, wrap
 from timm_drloc.errors import SettingError
+from timm_drloc.grids import GridReader, probe_grids
 
 
 def grid_received(drloc, x):
@@ -333,9 +334,25 @@ def test_training_forward_after_remove_hooks_says_what_to_do_instead():
     drloc.remove_hooks()
     with pytest.raises(RuntimeError) as error:
         drloc(torch.randn(1, 3, 32, 32))
-    message = str(error.value)  # what happened, and the two ways on
-    assert 'remove_hooks() was called' in message and 'no longer reads grids' in message
-    assert 'a fresh timm_drloc.wrap(model)' in message and 'plain backbone' in message
+    assert str(error.value) == ("remove_hooks() was called on this DRLocModel: it no longer reads grids. Train with a "
+                                "fresh timm_drloc.wrap(model), or use the plain backbone (.model) for inference.")
+
+
+def test_a_forward_that_skips_the_grid_module_is_refused_naming_it():
+    model = UserModel()
+    reader = GridReader(model, probe_grids(model, (3, 32, 32), layers=['stage']))
+    with pytest.raises(RuntimeError) as error:
+        reader.read(lambda: model.fc(torch.zeros(1, 16)))  # the head alone: 'stage' does not run
+    assert str(error.value) == "The forward pass did not run module(s) ['stage']: no grid to read."
+
+
+def test_grids_read_through_forward_intermediates_cannot_be_read_in_someone_elses_forward():
+    model = Branches()
+    reader = GridReader(model, probe_grids(model, (3, 32, 32)))
+    with pytest.raises(RuntimeError) as error:
+        reader.read(lambda: model(torch.zeros(1, 3, 32, 32)))
+    assert str(error.value) == ("These grids are read through forward_intermediates(), which only DRLocModel's own "
+                                "forward calls; name the grid module(s) with layers=[...] to read them with hooks.")
 
 
 def test_a_bfloat16_model_is_probed_in_its_own_dtype():
