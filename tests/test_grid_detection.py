@@ -249,6 +249,50 @@ class NoIntermediates(nn.Module):
         return self.stages[0](x).mean((2, 3))
 
 
+class Rerolled(nn.Module):
+    """Hiera-like: a `reroll` module (tokens out of row-major order before the last stage), two stages in
+    feature_info, and forward_intermediates for them."""
+
+    def __init__(self):
+        super().__init__()
+        self.s1 = nn.Conv2d(3, 8, 3, stride=4, padding=1)
+        self.s2 = nn.Conv2d(8, 16, 3, stride=2, padding=1)
+        self.reroll = nn.Identity()
+        self.fc = nn.Linear(16, 2)
+        self.feature_info = [dict(module='s1', num_chs=8, reduction=4), dict(module='s2', num_chs=16, reduction=8)]
+
+    def forward_intermediates(self, x, indices=None, norm=False):
+        y1 = self.s1(x)
+        y2 = self.s2(y1)
+        return y2, [(y1, y2)[i] for i in indices]
+
+    def forward_head(self, y):
+        return self.fc(y.mean((2, 3)))
+
+    def forward(self, x):
+        return self.forward_head(self.s2(self.s1(x)))
+
+
+def test_a_rerolling_model_is_read_through_forward_intermediates_only_at_several_stages():
+    assert wrap(Rerolled(), input_size=(3, 32, 32), hidden_dim=8).route == 'hooks'  # the last stage is in order
+    assert wrap(Rerolled(), input_size=(3, 32, 32), hidden_dim=8, multiscale=True).route == 'intermediates'
+    in_order = Rerolled()
+    del in_order.reroll
+    assert wrap(in_order, input_size=(3, 32, 32), hidden_dim=8, multiscale=True).route == 'hooks'
+
+
+class Unused(UserModel):
+    def __init__(self):
+        super().__init__()
+        self.spare = nn.Conv2d(3, 16, 3, stride=4, padding=1)  # built, never called
+
+
+def test_a_grid_module_the_forward_never_runs_is_refused_naming_it():
+    with pytest.raises(ValueError) as error:
+        wrap(Unused(), layers=['spare'], input_size=(3, 32, 32))
+    assert str(error.value) == "Module(s) ['spare'] did not run in Unused's forward: no grid to read there."
+
+
 def test_grid_module_that_never_runs_without_forward_intermediates_is_refused_with_the_fix():
     with pytest.raises(ValueError) as error:
         wrap(NoIntermediates(), input_size=(3, 32, 32))
