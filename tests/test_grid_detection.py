@@ -191,6 +191,22 @@ def test_multi_branch_module_without_the_feature_info_branch_is_read_through_for
     torch.testing.assert_close(grid_received(drloc, x), model.conv(x).permute(0, 2, 3, 1), rtol=0, atol=0)
 
 
+def test_one_module_path_may_be_given_as_a_string():
+    model = UserModel()
+    assert probe_grids(model, (3, 32, 48), layers='stage') == probe_grids(model, (3, 32, 48), layers=['stage'])
+    assert probe_grids(model, (3, 32, 48), layers='stage')[0].grid_size == (8, 12)
+
+
+def test_a_named_module_with_several_outputs_is_read_at_its_first_through_hooks():
+    torch.manual_seed(0)
+    model = Branches()  # layers= names the grid: no feature_info channels to pick a branch by, and no fallback
+    drloc = wrap(model, layers=['split'], input_size=(3, 32, 32), hidden_dim=8)
+    source = drloc.sources[0]
+    assert (drloc.route, source.output_index, source.num_chs, source.grid_size) == ('hooks', 0, 3, (8, 8))
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(grid_received(drloc, x), model.conv(x)[:, :3].permute(0, 2, 3, 1), rtol=0, atol=0)
+
+
 class NormedByDefault(Branches):
     """Branches whose forward_intermediates normalizes its features over channels unless told not to."""
 
@@ -215,8 +231,8 @@ class SideMapAndGrid(nn.Module):
 
 
 class GridSecond(nn.Module):
-    """feature_info names a module returning (a 3-channel side map, the 6-channel grid), both NCHW; no
-    forward_intermediates to fall back on."""
+    """feature_info names a module returning (a 3-channel side map, the 6-channel grid), both NCHW; hooks read it,
+    though forward_intermediates could too."""
 
     def __init__(self):
         super().__init__()
@@ -225,8 +241,15 @@ class GridSecond(nn.Module):
         self.fc = nn.Linear(6, 2)
         self.feature_info = [dict(module='pair', num_chs=6, reduction=4)]
 
+    def forward_intermediates(self, x, indices=None, norm=False):
+        y = self.conv(x)
+        return y, [y] if 0 in indices else []
+
+    def forward_head(self, y):
+        return self.fc(y.mean((2, 3)))
+
     def forward(self, x):
-        return self.fc(self.pair(self.conv(x))[1].mean((2, 3)))
+        return self.forward_head(self.pair(self.conv(x))[1])
 
 
 def test_the_tuple_element_with_the_feature_info_channels_is_the_grid():
@@ -234,7 +257,8 @@ def test_the_tuple_element_with_the_feature_info_channels_is_the_grid():
     model = GridSecond()
     drloc = wrap(model, input_size=(3, 32, 32), hidden_dim=8)
     source = drloc.sources[0]
-    assert (source.output_index, source.layout, source.grid_size, source.num_chs) == (1, 'NCHW', (8, 8), 6)
+    assert (drloc.route, source.output_index, source.layout, source.grid_size, source.num_chs) == (
+        'hooks', 1, 'NCHW', (8, 8), 6)
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(grid_received(drloc, x), model.conv(x).permute(0, 2, 3, 1), rtol=0, atol=0)
 
@@ -279,6 +303,7 @@ def test_a_rerolling_model_is_read_through_forward_intermediates_only_at_several
     in_order = Rerolled()
     del in_order.reroll
     assert wrap(in_order, input_size=(3, 32, 32), hidden_dim=8, multiscale=True).route == 'hooks'
+    assert [s.name for s in probe_grids(in_order, (3, 32, 32))] == ['s2']  # one grid unless multiscale is asked
 
 
 class Unused(UserModel):
