@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from timm_drloc import DRLocHead, relative_targets, wrap
 from timm_drloc.errors import SettingError
-from timm_drloc.grids import GridReader, probe_grids
+from timm_drloc.grids import GridReader, GridSource, Route, probe_grids
 
 
 def grid_received(drloc, x):
@@ -185,7 +185,7 @@ def test_multi_branch_module_without_the_feature_info_branch_is_read_through_for
     torch.manual_seed(0)
     model = Branches()
     drloc = wrap(model, input_size=(3, 32, 32), hidden_dim=8)
-    assert [(s.name, s.feature_index, s.grid_size, s.num_chs) for s in drloc.sources] == [('split', 0, (8, 8), 6)]
+    assert drloc.sources == [GridSource('split', 6, 'NCHW', 0, (8, 8), (32, 32), Route.INTERMEDIATES, 0, 0)]
     assert drloc.route == 'intermediates'
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(grid_received(drloc, x), model.conv(x).permute(0, 2, 3, 1), rtol=0, atol=0)
@@ -201,10 +201,75 @@ def test_a_named_module_with_several_outputs_is_read_at_its_first_through_hooks(
     torch.manual_seed(0)
     model = Branches()  # layers= names the grid: no feature_info channels to pick a branch by, and no fallback
     drloc = wrap(model, layers=['split'], input_size=(3, 32, 32), hidden_dim=8)
-    source = drloc.sources[0]
-    assert (drloc.route, source.output_index, source.num_chs, source.grid_size) == ('hooks', 0, 3, (8, 8))
+    assert drloc.route == 'hooks'
+    assert drloc.sources == [GridSource('split', 3, 'NCHW', 0, (8, 8), (32, 32), Route.HOOKS, 0, None)]
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(grid_received(drloc, x), model.conv(x)[:, :3].permute(0, 2, 3, 1), rtol=0, atol=0)
+
+
+class Pooled(nn.Module):
+    """A stride-4 conv pooled to a fixed 4 x 4 NCHW map: no stride of a 32 x 48 input gives 4 x 4."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, stride=4, padding=1)
+        self.pool = nn.AdaptiveAvgPool2d(4)
+        self.fc = nn.Linear(16, 2)
+
+    def forward(self, x):
+        y = self.pool(self.conv(x))  # B, 16, 4, 4
+        return self.fc(y.mean((2, 3)))
+
+
+class PooledNHWC(Pooled):
+    def __init__(self):
+        super().__init__()
+        self.out = nn.Identity()
+
+    def forward(self, x):
+        y = self.out(self.pool(self.conv(x)).permute(0, 2, 3, 1))  # B, 4, 4, 16
+        return self.fc(y.mean((1, 2)))
+
+
+def test_a_layout_given_is_taken_as_given_for_a_map_no_stride_of_the_input_explains():
+    nchw = wrap(Pooled(), layers=['pool'], input_size=(3, 32, 48), hidden_dim=8, layout='NCHW')
+    assert nchw.sources == [GridSource('pool', 16, 'NCHW', 0, (4, 4), (32, 48), Route.HOOKS, 0, None)]
+    nhwc = wrap(PooledNHWC(), layers=['out'], input_size=(3, 32, 48), hidden_dim=8, layout='NHWC')
+    assert nhwc.sources == [GridSource('out', 16, 'NHWC', 0, (4, 4), (32, 48), Route.HOOKS, 0, None)]
+
+
+class ClassToken(nn.Module):
+    """A ViT-like model that declares its one class token; 24 patch tokens of a 32 x 48 input, 25 in all."""
+    num_prefix_tokens = 1
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Conv2d(3, 8, 8, stride=8)
+        self.tokens = nn.Identity()
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x):
+        patches = self.embed(x).flatten(2).transpose(1, 2)  # B, 24, 8
+        t = self.tokens(torch.cat([patches.mean(1, keepdim=True), patches], 1))  # B, 25, 8
+        return self.fc(t[:, 0])
+
+
+def test_the_models_own_prefix_token_count_splits_its_tokens():
+    drloc = wrap(ClassToken(), layers=['tokens'], input_size=(3, 32, 48), hidden_dim=8)  # 25 is also 5 x 5
+    assert drloc.sources == [GridSource('tokens', 8, 'NLC', 1, (4, 6), (32, 48), Route.HOOKS, 0, None)]
+
+
+class RenamedFeature(Branches):
+    """feature_info names a module the model does not have (renamed since), with forward_intermediates to read."""
+
+    def __init__(self):
+        super().__init__()
+        self.feature_info = [dict(module='neck', num_chs=6, reduction=4)]
+
+
+def test_a_feature_info_module_the_model_lacks_is_read_through_forward_intermediates():
+    drloc = wrap(RenamedFeature(), input_size=(3, 32, 32), hidden_dim=8)
+    assert drloc.sources == [GridSource('neck', 6, 'NCHW', 0, (8, 8), (32, 32), Route.INTERMEDIATES, 0, 0)]
 
 
 class NormedByDefault(Branches):
@@ -355,12 +420,14 @@ def test_backbone_attributes_pass_through_and_others_do_not():
 
 def test_forwards_outside_training_keep_no_feature_map_alive():
     model = timm.create_model('resnet10t', num_classes=3)
-    wrap(model, hidden_dim=8, input_size=(3, 64, 64))
+    drloc = wrap(model, hidden_dim=8, input_size=(3, 64, 64))
     seen = []
     model.layer4.register_forward_hook(lambda module, args, out: seen.append(weakref.ref(out)))
     model(torch.randn(1, 3, 64, 64))  # the plain model, after wrap()
+    drloc.train()(torch.randn(2, 3, 64, 64))  # a DRLoc training forward, then a plain one again
+    model(torch.randn(1, 3, 64, 64))
     gc.collect()
-    assert seen[0]() is None
+    assert seen[0]() is None and seen[2]() is None
 
 
 def test_unknown_dotted_layer_lists_the_modules_under_its_first_part():
