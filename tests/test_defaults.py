@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 
 from timm_drloc import DRLocHead, add_drloc_args, wrap
+from timm_drloc.settings import SETTINGS
 
 
 class StemDeclaredLast(nn.Module):
@@ -51,3 +52,13 @@ def test_without_input_size_a_model_with_no_convolution_is_probed_with_three_cha
     model = nn.Sequential(OrderedDict(features=nn.PixelUnshuffle(4), pool=nn.AdaptiveAvgPool2d(1), flat=nn.Flatten()))
     drloc = wrap(model, layers=['features'], hidden_dim=8)
     assert (drloc.sources[0].num_chs, drloc.sources[0].grid_size) == (3 * 4 * 4, (56, 56))
+
+
+def test_help_explains_each_drloc_flag():
+    parser = argparse.ArgumentParser()
+    add_drloc_args(parser)
+    help_text = ' '.join(parser.format_help().split())  # argparse wraps help lines at the terminal width
+    assert '--drloc-signed predict signed offsets instead of absolute ones' in help_text
+    assert '--drloc-lambda W weight of the DRLoc loss; 0 (default) trains plain classification.' in help_text
+    for setting in SETTINGS:
+        assert ' '.join(setting.help.split()) in help_text, setting.flag

@@ -10,6 +10,7 @@ import torch.nn as nn
 
 from timm_drloc import DRLocHead, relative_targets, wrap
 from timm_drloc.errors import SettingError
+from timm_drloc.grids import GridReader, GridSource, Route, probe_grids
 
 
 def grid_received(drloc, x):
@@ -184,8 +185,145 @@ def test_multi_branch_module_without_the_feature_info_branch_is_read_through_for
     torch.manual_seed(0)
     model = Branches()
     drloc = wrap(model, input_size=(3, 32, 32), hidden_dim=8)
-    assert [(s.name, s.feature_index, s.grid_size, s.num_chs) for s in drloc.sources] == [('split', 0, (8, 8), 6)]
+    assert drloc.sources == [GridSource('split', 6, 'NCHW', 0, (8, 8), (32, 32), Route.INTERMEDIATES, 0, 0)]
     assert drloc.route == 'intermediates'
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(grid_received(drloc, x), model.conv(x).permute(0, 2, 3, 1), rtol=0, atol=0)
+
+
+def test_one_module_path_may_be_given_as_a_string():
+    model = UserModel()
+    assert probe_grids(model, (3, 32, 48), layers='stage') == probe_grids(model, (3, 32, 48), layers=['stage'])
+    assert probe_grids(model, (3, 32, 48), layers='stage')[0].grid_size == (8, 12)
+
+
+def test_a_named_module_with_several_outputs_is_read_at_its_first_through_hooks():
+    torch.manual_seed(0)
+    model = Branches()  # layers= names the grid: no feature_info channels to pick a branch by, and no fallback
+    drloc = wrap(model, layers=['split'], input_size=(3, 32, 32), hidden_dim=8)
+    assert drloc.route == 'hooks'
+    assert drloc.sources == [GridSource('split', 3, 'NCHW', 0, (8, 8), (32, 32), Route.HOOKS, 0, None)]
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(grid_received(drloc, x), model.conv(x)[:, :3].permute(0, 2, 3, 1), rtol=0, atol=0)
+
+
+class Pooled(nn.Module):
+    """A stride-4 conv pooled to a fixed 4 x 4 NCHW map: no stride of a 32 x 48 input gives 4 x 4."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, stride=4, padding=1)
+        self.pool = nn.AdaptiveAvgPool2d(4)
+        self.fc = nn.Linear(16, 2)
+
+    def forward(self, x):
+        y = self.pool(self.conv(x))  # B, 16, 4, 4
+        return self.fc(y.mean((2, 3)))
+
+
+class PooledNHWC(Pooled):
+    def __init__(self):
+        super().__init__()
+        self.out = nn.Identity()
+
+    def forward(self, x):
+        y = self.out(self.pool(self.conv(x)).permute(0, 2, 3, 1))  # B, 4, 4, 16
+        return self.fc(y.mean((1, 2)))
+
+
+def test_a_layout_given_is_taken_as_given_for_a_map_no_stride_of_the_input_explains():
+    nchw = wrap(Pooled(), layers=['pool'], input_size=(3, 32, 48), hidden_dim=8, layout='NCHW')
+    assert nchw.sources == [GridSource('pool', 16, 'NCHW', 0, (4, 4), (32, 48), Route.HOOKS, 0, None)]
+    nhwc = wrap(PooledNHWC(), layers=['out'], input_size=(3, 32, 48), hidden_dim=8, layout='NHWC')
+    assert nhwc.sources == [GridSource('out', 16, 'NHWC', 0, (4, 4), (32, 48), Route.HOOKS, 0, None)]
+
+
+class ClassToken(nn.Module):
+    """A ViT-like model that declares its one class token; 24 patch tokens of a 32 x 48 input, 25 in all."""
+    num_prefix_tokens = 1
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Conv2d(3, 8, 8, stride=8)
+        self.tokens = nn.Identity()
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x):
+        patches = self.embed(x).flatten(2).transpose(1, 2)  # B, 24, 8
+        t = self.tokens(torch.cat([patches.mean(1, keepdim=True), patches], 1))  # B, 25, 8
+        return self.fc(t[:, 0])
+
+
+def test_the_models_own_prefix_token_count_splits_its_tokens():
+    drloc = wrap(ClassToken(), layers=['tokens'], input_size=(3, 32, 48), hidden_dim=8)  # 25 is also 5 x 5
+    assert drloc.sources == [GridSource('tokens', 8, 'NLC', 1, (4, 6), (32, 48), Route.HOOKS, 0, None)]
+
+
+class RenamedFeature(Branches):
+    """feature_info names a module the model does not have (renamed since), with forward_intermediates to read."""
+
+    def __init__(self):
+        super().__init__()
+        self.feature_info = [dict(module='neck', num_chs=6, reduction=4)]
+
+
+def test_a_feature_info_module_the_model_lacks_is_read_through_forward_intermediates():
+    drloc = wrap(RenamedFeature(), input_size=(3, 32, 32), hidden_dim=8)
+    assert drloc.sources == [GridSource('neck', 6, 'NCHW', 0, (8, 8), (32, 32), Route.INTERMEDIATES, 0, 0)]
+
+
+class NormedByDefault(Branches):
+    """Branches whose forward_intermediates normalizes its features over channels unless told not to."""
+
+    def forward_intermediates(self, x, indices=None, norm=True):
+        y = self.conv(x)
+        feature = y - y.mean(1, keepdim=True) if norm else y
+        return y, [feature] if 0 in indices else []
+
+
+def test_forward_intermediates_features_are_read_without_norm_whatever_the_models_default():
+    torch.manual_seed(0)
+    model = NormedByDefault()
+    drloc = wrap(model, input_size=(3, 32, 32), hidden_dim=8)
+    assert drloc.route == 'intermediates'
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(grid_received(drloc, x), model.conv(x).permute(0, 2, 3, 1), rtol=0, atol=0)
+
+
+class SideMapAndGrid(nn.Module):
+    def forward(self, y):
+        return y[:, :3] * 2, y  # B, 3, H, W and B, 6, H, W
+
+
+class GridSecond(nn.Module):
+    """feature_info names a module returning (a 3-channel side map, the 6-channel grid), both NCHW; hooks read it,
+    though forward_intermediates could too."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, stride=4, padding=1)
+        self.pair = SideMapAndGrid()
+        self.fc = nn.Linear(6, 2)
+        self.feature_info = [dict(module='pair', num_chs=6, reduction=4)]
+
+    def forward_intermediates(self, x, indices=None, norm=False):
+        y = self.conv(x)
+        return y, [y] if 0 in indices else []
+
+    def forward_head(self, y):
+        return self.fc(y.mean((2, 3)))
+
+    def forward(self, x):
+        return self.forward_head(self.pair(self.conv(x))[1])
+
+
+def test_the_tuple_element_with_the_feature_info_channels_is_the_grid():
+    torch.manual_seed(0)
+    model = GridSecond()
+    drloc = wrap(model, input_size=(3, 32, 32), hidden_dim=8)
+    source = drloc.sources[0]
+    assert (drloc.route, source.output_index, source.layout, source.grid_size, source.num_chs) == (
+        'hooks', 1, 'NCHW', (8, 8), 6)
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(grid_received(drloc, x), model.conv(x).permute(0, 2, 3, 1), rtol=0, atol=0)
 
@@ -198,6 +336,51 @@ class NoIntermediates(nn.Module):
 
     def forward(self, x):
         return self.stages[0](x).mean((2, 3))
+
+
+class Rerolled(nn.Module):
+    """Hiera-like: a `reroll` module (tokens out of row-major order before the last stage), two stages in
+    feature_info, and forward_intermediates for them."""
+
+    def __init__(self):
+        super().__init__()
+        self.s1 = nn.Conv2d(3, 8, 3, stride=4, padding=1)
+        self.s2 = nn.Conv2d(8, 16, 3, stride=2, padding=1)
+        self.reroll = nn.Identity()
+        self.fc = nn.Linear(16, 2)
+        self.feature_info = [dict(module='s1', num_chs=8, reduction=4), dict(module='s2', num_chs=16, reduction=8)]
+
+    def forward_intermediates(self, x, indices=None, norm=False):
+        y1 = self.s1(x)
+        y2 = self.s2(y1)
+        return y2, [(y1, y2)[i] for i in indices]
+
+    def forward_head(self, y):
+        return self.fc(y.mean((2, 3)))
+
+    def forward(self, x):
+        return self.forward_head(self.s2(self.s1(x)))
+
+
+def test_a_rerolling_model_is_read_through_forward_intermediates_only_at_several_stages():
+    assert wrap(Rerolled(), input_size=(3, 32, 32), hidden_dim=8).route == 'hooks'  # the last stage is in order
+    assert wrap(Rerolled(), input_size=(3, 32, 32), hidden_dim=8, multiscale=True).route == 'intermediates'
+    in_order = Rerolled()
+    del in_order.reroll
+    assert wrap(in_order, input_size=(3, 32, 32), hidden_dim=8, multiscale=True).route == 'hooks'
+    assert [s.name for s in probe_grids(in_order, (3, 32, 32))] == ['s2']  # one grid unless multiscale is asked
+
+
+class Unused(UserModel):
+    def __init__(self):
+        super().__init__()
+        self.spare = nn.Conv2d(3, 16, 3, stride=4, padding=1)  # built, never called
+
+
+def test_a_grid_module_the_forward_never_runs_is_refused_naming_it():
+    with pytest.raises(ValueError) as error:
+        wrap(Unused(), layers=['spare'], input_size=(3, 32, 32))
+    assert str(error.value) == "Module(s) ['spare'] did not run in Unused's forward: no grid to read there."
 
 
 def test_grid_module_that_never_runs_without_forward_intermediates_is_refused_with_the_fix():
@@ -237,12 +420,14 @@ def test_backbone_attributes_pass_through_and_others_do_not():
 
 def test_forwards_outside_training_keep_no_feature_map_alive():
     model = timm.create_model('resnet10t', num_classes=3)
-    wrap(model, hidden_dim=8, input_size=(3, 64, 64))
+    drloc = wrap(model, hidden_dim=8, input_size=(3, 64, 64))
     seen = []
     model.layer4.register_forward_hook(lambda module, args, out: seen.append(weakref.ref(out)))
     model(torch.randn(1, 3, 64, 64))  # the plain model, after wrap()
+    drloc.train()(torch.randn(2, 3, 64, 64))  # a DRLoc training forward, then a plain one again
+    model(torch.randn(1, 3, 64, 64))
     gc.collect()
-    assert seen[0]() is None
+    assert seen[0]() is None and seen[2]() is None
 
 
 def test_unknown_dotted_layer_lists_the_modules_under_its_first_part():
@@ -285,9 +470,25 @@ def test_training_forward_after_remove_hooks_says_what_to_do_instead():
     drloc.remove_hooks()
     with pytest.raises(RuntimeError) as error:
         drloc(torch.randn(1, 3, 32, 32))
-    message = str(error.value)  # what happened, and the two ways on
-    assert 'remove_hooks() was called' in message and 'no longer reads grids' in message
-    assert 'a fresh timm_drloc.wrap(model)' in message and 'plain backbone' in message
+    assert str(error.value) == ("remove_hooks() was called on this DRLocModel: it no longer reads grids. Train with a "
+                                "fresh timm_drloc.wrap(model), or use the plain backbone (.model) for inference.")
+
+
+def test_a_forward_that_skips_the_grid_module_is_refused_naming_it():
+    model = UserModel()
+    reader = GridReader(model, probe_grids(model, (3, 32, 32), layers=['stage']))
+    with pytest.raises(RuntimeError) as error:
+        reader.read(lambda: model.fc(torch.zeros(1, 16)))  # the head alone: 'stage' does not run
+    assert str(error.value) == "The forward pass did not run module(s) ['stage']: no grid to read."
+
+
+def test_grids_read_through_forward_intermediates_cannot_be_read_in_someone_elses_forward():
+    model = Branches()
+    reader = GridReader(model, probe_grids(model, (3, 32, 32)))
+    with pytest.raises(RuntimeError) as error:
+        reader.read(lambda: model(torch.zeros(1, 3, 32, 32)))
+    assert str(error.value) == ("These grids are read through forward_intermediates(), which only DRLocModel's own "
+                                "forward calls; name the grid module(s) with layers=[...] to read them with hooks.")
 
 
 def test_a_bfloat16_model_is_probed_in_its_own_dtype():

@@ -50,14 +50,6 @@ def test_a_rule_reads_in_keywords_for_the_library_and_in_flags_for_the_command_l
     assert str(command_line.value).startswith("--drloc-normalize has no meaning with --drloc-mode 'ce'")
 
 
-@pytest.mark.parametrize('keyword, value', [('num_samples', 0), ('hidden_dim', 2.5), ('drloc_lambda', float('inf')),
-                                            ('warmup_epochs', -1), ('mode', 'l2'), ('layers', ['a', 'a'])])
-def test_each_bad_value_is_a_value_error_naming_the_setting_and_the_value(keyword, value):
-    with pytest.raises(ValueError) as exc:
-        check_settings(**{keyword: value})
-    assert exc.value.setting == keyword and repr(value if keyword != 'layers' else ['a']) in str(exc.value)
-
-
 def test_the_lambda_schedule_follows_the_flags():
     args = _args('--drloc-lambda', '0.5', '--drloc-warmup-epochs', '2', '--drloc-decay')
     assert [drloc_lambda_for_epoch(args, e, 4) for e in range(4)] == [0.0, 0.25, 0.5, 0.25]
@@ -68,3 +60,20 @@ def test_flags_given_without_lambda_are_named_as_ignored():
         '--drloc-samples', '--drloc-multiscale']
     assert ignored_drloc_flags(_args('--drloc-lambda', '0.5', '--drloc-multiscale')) == []
     assert {s.flag for s in SETTINGS} >= {'--drloc-lambda', '--drloc-layers', '--drloc-decay'}
+
+
+def test_layers_with_multiscale_is_refused_as_the_multiscale_setting_in_keyword_and_flag_terms():
+    with pytest.raises(SettingError) as library:
+        check_settings(layers=['blocks.1'], multiscale=True)
+    assert (library.value.setting, library.value.value) == ('multiscale', True)
+    with pytest.raises(ConfigError) as command_line:
+        drloc_kwargs(_args('--drloc-lambda', '0.5', '--drloc-multiscale', '--drloc-layers', 'blocks.1'))
+    assert str(command_line.value) == ('--drloc-multiscale picks the stages itself; with --drloc-layers name each '
+                                       'grid module instead')
+
+
+def test_an_empty_layers_list_is_refused_saying_how_to_name_a_grid_module():
+    with pytest.raises(SettingError) as error:
+        check_settings(layers=[])
+    assert str(error.value) == ("layers=[] names no module; name the grid module(s) as model.named_modules() lists "
+                                "them, e.g. ['blocks.11'], or layers=None to use timm's feature_info")

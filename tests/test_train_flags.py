@@ -336,6 +336,22 @@ def test_drloc_refuses_the_flags_it_cannot_run_with_naming_the_flag_and_the_fix(
     assert f'--drloc-lambda > 0 cannot be combined with {flag}: {fix}' in capsys.readouterr().err
 
 
+@pytest.mark.parametrize('mode', ['ce', 'cbr'])
+def test_train_img_sizes_is_refused_with_a_drloc_mode_whose_classes_are_grid_offsets(monkeypatch, capsys, mode):
+    with pytest.raises(SystemExit) as exc:
+        _parse(monkeypatch, '--data-dir', '/data', '--drloc-lambda', '0.5', '--drloc-mode', mode,
+               '--train-img-sizes', '32', '64')
+    assert exc.value.code == 2
+    assert (f'--drloc-mode {mode} has one class per grid offset, so its grid size must not change; with '
+            '--train-img-sizes use --drloc-mode l1') in capsys.readouterr().err
+
+
+def test_train_img_sizes_trains_with_drloc_mode_l1(monkeypatch):
+    args = _parse(monkeypatch, '--data-dir', '/data', '--drloc-lambda', '0.5', '--drloc-mode', 'l1',
+                  '--train-img-sizes', '32', '64')
+    assert (args.drloc_mode, args.train_img_sizes) == ('l1', [32, 64])
+
+
 def test_old_loss_switches_become_loss_and_pos_weight(monkeypatch):
     args = _parse(monkeypatch, '--data-dir', '/data', '--task', 'multilabel', '--bce-loss', '--bce-pos-weight', '2')
     assert (args.loss, args.loss_pos_weight) == ('bce', '2.0')
