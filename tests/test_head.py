@@ -68,6 +68,13 @@ def test_cbr_with_uniform_scores_matches_closed_form():
     torch.testing.assert_close(loss, 2 * (1 / var + 1e-3 * var.log()))
 
 
+def test_cbr_of_a_certain_right_prediction_is_finite_the_variance_floor_eps_keeps_its_log():
+    # all weight on offset 1, the target: mu = 1, var = 0 + eps -> per axis 0 / eps + 1e-3 log(eps)
+    logits = torch.tensor([0., 1e4, 0.]).expand(1, 1, 2, 3)  # B, M, axes, offsets
+    loss = cbr_loss(logits, torch.ones(1, 1, 2), torch.arange(3.), eps=1e-8)
+    torch.testing.assert_close(loss, 2 * 1e-3 * torch.tensor(1e-8).log())
+
+
 def test_sampling_is_uniform_with_replacement_over_the_whole_grid():
     torch.manual_seed(0)
     pos = sample_positions(batch=64, height=3, width=5, num_samples=500, device=torch.device('cpu'))
@@ -131,6 +138,25 @@ def test_loss_is_float32_under_bf16_autocast(mode):
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
     loss.backward()
     assert head.mlp[0].weight.grad is not None
+
+
+@pytest.mark.parametrize('mode,normalize', [('l1', False), ('l1', True), ('ce', False), ('cbr', False),
+                                            ('cbr', True)])
+@pytest.mark.parametrize('grid_size', [(4, 4), (4, 6)], ids=['square', 'non-square'])
+def test_loss_is_the_same_float32_whatever_torchs_default_dtype(mode, normalize, grid_size):
+    # signed offsets: the class shift k - 1 (and the scale of normalized targets) is per axis on a non-square grid
+    torch.manual_seed(0)
+    head = DRLocHead(8, grid_size, mode=mode, num_samples=8, use_abs=False, normalize=normalize, hidden_dim=16)
+    grid = torch.randn(2, *grid_size, 8)
+    torch.manual_seed(1)
+    expected = head(grid)
+    torch.set_default_dtype(torch.float64)
+    try:
+        torch.manual_seed(1)  # the same pairs
+        loss = head(grid)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    assert loss.dtype == torch.float32 and torch.equal(loss, expected)
 
 
 def test_smaller_grid_than_built_for_uses_its_own_offsets_and_larger_is_refused():

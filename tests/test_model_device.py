@@ -2,6 +2,7 @@
 in float32 for a backbone without parameters. The meta device stands in for a GPU (no memory, no kernels)."""
 from collections import OrderedDict
 
+import pytest
 import torch
 import torch.nn as nn
 
@@ -37,9 +38,11 @@ def test_per_axis_scales_of_a_non_square_grid_are_made_on_the_device_of_the_offs
     assert offsets_to_targets(classes, (3, 5), normalize=True).device == meta
 
 
-def test_the_cbr_loss_of_outputs_on_another_device_is_computed_there():
+@pytest.mark.parametrize('normalize', [False, True], ids=['cells', 'normalized'])
+def test_the_cbr_loss_of_outputs_on_another_device_is_computed_there(normalize):
+    # normalized, the offset values are divided by per-axis scales (3, 5), made on the outputs' device too
     meta = torch.device('meta')
-    head = DRLocHead(8, (3, 5), mode='cbr', hidden_dim=8).to(meta)
+    head = DRLocHead(8, (3, 5), mode='cbr', normalize=normalize, hidden_dim=8).to(meta)
     out = torch.zeros(2, 4, 8, device=meta)
     classes = torch.zeros(2, 4, 2, dtype=torch.long, device=meta)
     assert head.loss(out, classes, (3, 5)).device == meta
