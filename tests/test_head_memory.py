@@ -25,7 +25,8 @@ def test_the_estimate_of_several_grids_is_the_sum_of_each_grids_estimate():
     assert (both.weights, both.activations) == (sum(m.weights for m in each), sum(m.activations for m in each))
 
 
-@pytest.mark.parametrize('size, text', [(512, '512 B'), (1024, '1 KiB'), (5 * 2 ** 20, '5 MiB'), (1.5 * 2 ** 30, '1.5 GiB'),
+@pytest.mark.parametrize('size, text', [(512, '512 B'), (1024, '1 KiB'), (5 * 2 ** 20, '5 MiB'),
+                                        (1.5 * 2 ** 30, '1.5 GiB'), (1007 * 2 ** 30, '1007 GiB'),
                                         (3 * 2 ** 40, '3 TiB')])
 def test_memory_figures_are_written_in_binary_units(size, text):
     assert memory_text(size) == text

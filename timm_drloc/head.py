@@ -390,12 +390,13 @@ def device_memory(device: torch.device) -> Optional[int]:
 
 
 def memory_text(size: float) -> str:
-    """Bytes as a short human figure: '512 MiB', '1.9 TiB'."""
+    """Bytes as a short human figure: '512 MiB', '1.9 TiB', '1007 GiB' (four digits: 1000 to 1023 of a
+    unit are written out, not as '1.01e+03')."""
     for unit in ('B', 'KiB', 'MiB', 'GiB', 'TiB'):
         if size < 1024:
-            return f'{size:.3g} {unit}'
+            return f'{size:.4g} {unit}'
         size /= 1024
-    return f'{size:.3g} PiB'
+    return f'{size:.4g} PiB'
 
 
 class HeadTooLargeError(ValueError):
