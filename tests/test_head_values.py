@@ -6,6 +6,10 @@ The pinned values were computed once with that head. The seed draws, in order, t
 numbers the head consumed, so a rewrite that samples pairs differently shows up here even when its
 losses look plausible.
 """
+import logging
+import re
+import time
+
 import pytest
 import torch
 
@@ -69,6 +73,15 @@ def test_same_seed_gives_the_released_heads_loss_gradient_and_draws(case):
 
 
 @pytest.mark.parametrize('case', ['l1-abs-14x14-gather', 'cbr-abs-normalize-6x6-runs-3x4-project'])
-def test_compiled_head_gives_the_released_heads_values_for_the_same_seed(case):
+def test_compiled_head_gives_the_released_heads_values_for_the_same_seed_and_logs_its_compile_time(case, caplog):
     torch._dynamo.reset()
-    assert_pinned(case, compiled=True)
+    start = time.perf_counter()
+    with caplog.at_level(logging.INFO, logger='timm_drloc.head'):
+        assert_pinned(case, compiled=True)
+    elapsed = time.perf_counter() - start
+    height, width = CASES[case][4]
+    [message] = [r.getMessage() for r in caplog.records if r.name == 'timm_drloc.head']
+    logged = re.fullmatch(
+        rf"DRLoc head {height}x{width}x12: first compiled call took (\d+\.\d) s \(the forward's compilation, unless "
+        r"a head of the same shapes compiled it already; the backward compiles in the first backward\)", message)
+    assert logged and float(logged.group(1)) <= elapsed + 0.05  # the time of the call, at most the whole test's

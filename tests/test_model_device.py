@@ -46,3 +46,21 @@ def test_the_cbr_loss_of_outputs_on_another_device_is_computed_there(normalize):
     out = torch.zeros(2, 4, 8, device=meta)
     classes = torch.zeros(2, 4, 2, dtype=torch.long, device=meta)
     assert head.loss(out, classes, (3, 5)).device == meta
+
+
+@pytest.mark.parametrize('mode,normalize', [('l1', True), ('ce', False), ('cbr', True)])
+def test_a_head_computes_on_its_grids_device_whatever_torchs_default_device(mode, normalize):
+    # a default device of 'meta' stands in for set_default_device('cuda'): every tensor the head makes (pairs, class
+    # shifts and scales of a non-square grid, offset values) must follow the grid, here on the CPU
+    torch.manual_seed(0)
+    head = DRLocHead(8, (3, 5), mode=mode, use_abs=False, normalize=normalize, hidden_dim=8)
+    grid = torch.randn(2, 3, 5, 8)
+    torch.manual_seed(1)
+    expected = head(grid)
+    torch.set_default_device('meta')
+    try:
+        torch.manual_seed(1)  # the same pairs
+        loss = head(grid)
+    finally:
+        torch.set_default_device(None)
+    assert loss.device.type == 'cpu' and torch.equal(loss, expected)
