@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from timm_drloc import DRLocHead, relative_targets, sample_positions
-from timm_drloc.head import draw_cells, num_offsets
+from timm_drloc.head import compiled_pair_loss, draw_cells, num_offsets
 from timm_drloc.losses import cbr_loss
 
 # two pairs on a 4 x 6 grid: (row, col) of the first and second cell
@@ -259,6 +259,24 @@ def test_a_head_built_with_defaults_is_the_reference_ones():
     head = DRLocHead(8, (4, 4))
     assert (head.mode, head.num_samples, head.use_abs, head.normalize, head.compiled) == ('l1', 64, True, False, False)
     assert [layer.out_features for layer in head.mlp if isinstance(layer, torch.nn.Linear)] == [512, 512, 2]
+
+
+def test_the_compile_mode_asked_for_is_the_one_torch_compile_gets(monkeypatch):
+    # what a mode changes ('reduce-overhead': CUDA graphs) needs a GPU; here the mode handed on is the fact.
+    # torch.compile is replaced by a recorder returning the eager step, so the per-mode cache is cleared around it
+    modes = []
+
+    def record_mode(function, mode=None):
+        modes.append(mode)
+        return function
+    monkeypatch.setattr(torch, 'compile', record_mode)
+    compiled_pair_loss.cache_clear()
+    try:
+        for compiled in [True, 'reduce-overhead']:
+            DRLocHead(8, (3, 3), num_samples=4, hidden_dim=8, compiled=compiled)(torch.randn(2, 3, 3, 8))
+    finally:
+        compiled_pair_loss.cache_clear()
+    assert modes == [None, 'reduce-overhead']
 
 
 def test_the_heads_repr_lists_its_settings_and_says_compiled_only_when_it_is():
