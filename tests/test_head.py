@@ -130,6 +130,17 @@ def test_first_layer_multiply_adds_are_those_of_the_fewer_of_cells_and_pairs(num
     assert counter.get_total_flops() == 2 * 3 * min(10, num_samples) * 2 * 8 * 16
 
 
+@pytest.mark.parametrize('mode', ['l1', 'cbr'])
+def test_eager_heads_run_their_last_layer_as_its_module_so_its_hooks_see_every_step(mode):
+    # hooks (feature capture, pruning, adapters) see the (B, M, out) output of head.mlp[4]; only a compiled head
+    # writes a narrow last layer (l1's 2 outputs, or a 16-wide hidden layer) as a multiply-and-sum
+    head = DRLocHead(8, (3, 4), mode=mode, num_samples=5, hidden_dim=16)
+    outputs = []
+    head.mlp[4].register_forward_hook(lambda module, args, out: outputs.append(out.shape))
+    head(torch.randn(2, 3, 4, 8))
+    assert outputs == [(2, 5, 2 if mode == 'l1' else 16)]
+
+
 def test_permuted_nchw_grid_gives_same_loss_as_contiguous_copy():
     torch.manual_seed(0)
     head = DRLocHead(6, (4, 5), hidden_dim=16)
