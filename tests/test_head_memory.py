@@ -1,5 +1,7 @@
 """The memory estimate that refuses DRLoc heads too large for their device (head_memory, memory_text):
 its weight count is the real head's, for every mode, and the figures it prints are readable."""
+import re
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -60,6 +62,13 @@ def fake_cuda(monkeypatch, total_memory: int) -> torch.device:
 
 def test_a_cuda_devices_memory_is_the_drivers_total_for_that_device(monkeypatch):
     assert device_memory(fake_cuda(monkeypatch, 80 * 2 ** 30)) == 80 * 2 ** 30
+
+
+@pytest.mark.skipif(not Path('/proc/meminfo').is_file(), reason='Linux: /proc/meminfo states the total')
+def test_the_cpus_memory_is_the_hosts_total_memory():
+    kib = int(re.search(r'MemTotal:\s+(\d+) kB', Path('/proc/meminfo').read_text()).group(1))
+    assert device_memory(torch.device('cpu')) == kib * 1024
+    assert device_memory(torch.device('meta')) is None  # no memory figure: nothing is refused there
 
 
 def test_heads_that_exactly_fill_a_device_are_accepted_one_byte_less_refused(monkeypatch):
