@@ -49,6 +49,13 @@ def test_the_estimate_is_for_one_image_unless_told():
     assert check_head_memory(GRIDS, 16, 10, 'l1', True, meta) == (WEIGHTS, PER_IMAGE)
 
 
+@pytest.mark.parametrize('use_abs', [True, False], ids=['absolute', 'signed'])
+def test_the_checked_estimate_counts_the_offset_classes_of_the_heads_settings(use_abs):
+    head = DRLocHead(8, (3, 5), mode='ce', use_abs=use_abs, hidden_dim=16)
+    memory = check_head_memory([(8, (3, 5))], 16, 10, 'ce', use_abs, torch.device('meta'))
+    assert memory.weights == BYTES_PER_PARAMETER * sum(p.numel() for p in head.parameters())
+
+
 def fake_cuda(monkeypatch, total_memory: int) -> torch.device:
     """A CUDA device of `total_memory` bytes (this machine has none): the driver's properties of cuda:1."""
     device = torch.device('cuda', 1)
