@@ -2,9 +2,10 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 from timm_drloc import DRLocHead, relative_targets, sample_positions
-from timm_drloc.head import draw_cells, num_offsets
+from timm_drloc.head import compiled_pair_loss, draw_cells, num_offsets
 from timm_drloc.losses import cbr_loss
 
 # two pairs on a 4 x 6 grid: (row, col) of the first and second cell
@@ -68,6 +69,13 @@ def test_cbr_with_uniform_scores_matches_closed_form():
     torch.testing.assert_close(loss, 2 * (1 / var + 1e-3 * var.log()))
 
 
+def test_cbr_of_a_certain_right_prediction_is_finite_the_variance_floor_eps_keeps_its_log():
+    # all weight on offset 1, the target: mu = 1, var = 0 + eps -> per axis 0 / eps + 1e-3 log(eps)
+    logits = torch.tensor([0., 1e4, 0.]).expand(1, 1, 2, 3)  # B, M, axes, offsets
+    loss = cbr_loss(logits, torch.ones(1, 1, 2), torch.arange(3.), eps=1e-8)
+    torch.testing.assert_close(loss, 2 * 1e-3 * torch.tensor(1e-8).log())
+
+
 def test_sampling_is_uniform_with_replacement_over_the_whole_grid():
     torch.manual_seed(0)
     pos = sample_positions(batch=64, height=3, width=5, num_samples=500, device=torch.device('cpu'))
@@ -111,6 +119,28 @@ def test_projecting_cells_first_equals_projecting_gathered_pairs(grid_size, num_
     torch.testing.assert_close(head.gather_then_project(grid, cells), expected)
 
 
+@pytest.mark.parametrize('num_samples', [16, 8], ids=['more-pairs-than-cells', 'fewer-pairs-than-cells'])
+def test_first_layer_multiply_adds_are_those_of_the_fewer_of_cells_and_pairs(num_samples):
+    # a 2 x 5 grid (10 cells) of 8 channels, hidden 16, 3 images: a Linear of 2C -> hidden on min(10, M) rows per
+    # image (each cell projected with both halves of W, or each pair's [e_a; e_b]): 2 * 3 * min * 2C * hidden FLOPs
+    head = DRLocHead(8, (2, 5), num_samples=num_samples, hidden_dim=16)
+    cells = draw_cells(3, 10, num_samples, torch.device('cpu'))
+    with FlopCounterMode(display=False) as counter:
+        head.pair_preactivations(torch.randn(3, 2, 5, 8), cells)
+    assert counter.get_total_flops() == 2 * 3 * min(10, num_samples) * 2 * 8 * 16
+
+
+@pytest.mark.parametrize('mode', ['l1', 'cbr'])
+def test_eager_heads_run_their_last_layer_as_its_module_so_its_hooks_see_every_step(mode):
+    # hooks (feature capture, pruning, adapters) see the (B, M, out) output of head.mlp[4]; only a compiled head
+    # writes a narrow last layer (l1's 2 outputs, or a 16-wide hidden layer) as a multiply-and-sum
+    head = DRLocHead(8, (3, 4), mode=mode, num_samples=5, hidden_dim=16)
+    outputs = []
+    head.mlp[4].register_forward_hook(lambda module, args, out: outputs.append(out.shape))
+    head(torch.randn(2, 3, 4, 8))
+    assert outputs == [(2, 5, 2 if mode == 'l1' else 16)]
+
+
 def test_permuted_nchw_grid_gives_same_loss_as_contiguous_copy():
     torch.manual_seed(0)
     head = DRLocHead(6, (4, 5), hidden_dim=16)
@@ -133,11 +163,51 @@ def test_loss_is_float32_under_bf16_autocast(mode):
     assert head.mlp[0].weight.grad is not None
 
 
+@pytest.mark.parametrize('mode,normalize', [('l1', False), ('l1', True), ('ce', False), ('cbr', False),
+                                            ('cbr', True)])
+@pytest.mark.parametrize('grid_size', [(4, 4), (4, 6)], ids=['square', 'non-square'])
+def test_loss_is_the_same_float32_whatever_torchs_default_dtype(mode, normalize, grid_size):
+    # signed offsets: the class shift k - 1 (and the scale of normalized targets) is per axis on a non-square grid
+    torch.manual_seed(0)
+    head = DRLocHead(8, grid_size, mode=mode, num_samples=8, use_abs=False, normalize=normalize, hidden_dim=16)
+    grid = torch.randn(2, *grid_size, 8)
+    torch.manual_seed(1)
+    expected = head(grid)
+    torch.set_default_dtype(torch.float64)
+    try:
+        torch.manual_seed(1)  # the same pairs
+        loss = head(grid)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    assert loss.dtype == torch.float32 and torch.equal(loss, expected)
+
+
 def test_smaller_grid_than_built_for_uses_its_own_offsets_and_larger_is_refused():
     head = DRLocHead(8, (6, 6), mode='ce', hidden_dim=16)
     assert torch.isfinite(head(torch.randn(2, 3, 4, 8)))
     with pytest.raises(ValueError, match='larger than the 6x6 grid'):
         head(torch.randn(2, 7, 6, 8))
+
+
+def test_a_grid_taller_than_a_wide_grid_the_head_was_built_for_is_refused_naming_both_and_the_fix():
+    head = DRLocHead(8, (4, 6), mode='cbr', hidden_dim=16)  # 5 rows: more than 4, fewer than the 6 columns
+    with pytest.raises(ValueError) as error:
+        head(torch.randn(2, 5, 6, 8))
+    assert str(error.value) == ("A 5x6 grid is larger than the 4x6 grid this 'cbr' head has offset classes for. "
+                                "Wrap the model with the largest input size (input_size=...) or use mode='l1'.")
+
+
+def test_an_l1_head_runs_on_a_grid_larger_than_it_was_built_for():
+    # l1 regresses the offset: no classes tie it to a grid size
+    head = DRLocHead(8, (3, 3), hidden_dim=16)
+    assert torch.isfinite(head(torch.randn(2, 5, 7, 8)))
+
+
+@pytest.mark.parametrize('grid_size', [(1, 2), (2, 1)])
+def test_two_cells_are_enough_to_train(grid_size):
+    # the smallest grid with a relative position: the pairs' offsets are 0 or 1 along its long axis
+    head = DRLocHead(8, grid_size, mode='ce', hidden_dim=16)
+    assert torch.isfinite(head(torch.randn(2, *grid_size, 8)))
 
 
 @pytest.mark.slow
@@ -193,6 +263,31 @@ def test_positions_are_drawn_on_the_device_asked_for():
     # the meta device stands in for an accelerator: pairs drawn elsewhere would cost a copy per step
     positions = sample_positions(2, 4, 5, 8, torch.device('meta'))
     assert positions.device.type == 'meta' and positions.shape == (2, 2, 8, 2)
+
+
+def test_a_head_built_with_defaults_is_the_reference_ones():
+    # l1 on absolute offsets in grid cells, 64 pairs per image, a 512-wide MLP, not compiled
+    head = DRLocHead(8, (4, 4))
+    assert (head.mode, head.num_samples, head.use_abs, head.normalize, head.compiled) == ('l1', 64, True, False, False)
+    assert [layer.out_features for layer in head.mlp if isinstance(layer, torch.nn.Linear)] == [512, 512, 2]
+
+
+def test_the_compile_mode_asked_for_is_the_one_torch_compile_gets(monkeypatch):
+    # what a mode changes ('reduce-overhead': CUDA graphs) needs a GPU; here the mode handed on is the fact.
+    # torch.compile is replaced by a recorder returning the eager step, so the per-mode cache is cleared around it
+    modes = []
+
+    def record_mode(function, mode=None):
+        modes.append(mode)
+        return function
+    monkeypatch.setattr(torch, 'compile', record_mode)
+    compiled_pair_loss.cache_clear()
+    try:
+        for compiled in [True, 'reduce-overhead']:
+            DRLocHead(8, (3, 3), num_samples=4, hidden_dim=8, compiled=compiled)(torch.randn(2, 3, 3, 8))
+    finally:
+        compiled_pair_loss.cache_clear()
+    assert modes == [None, 'reduce-overhead']
 
 
 def test_the_heads_repr_lists_its_settings_and_says_compiled_only_when_it_is():

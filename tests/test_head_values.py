@@ -6,6 +6,11 @@ The pinned values were computed once with that head. The seed draws, in order, t
 numbers the head consumed, so a rewrite that samples pairs differently shows up here even when its
 losses look plausible.
 """
+import logging
+import re
+import time
+from typing import Tuple
+
 import pytest
 import torch
 
@@ -52,7 +57,8 @@ def seeded_head_and_grid(case: str, **head_kwargs):
     return head, grid
 
 
-def assert_pinned(case: str, **head_kwargs) -> None:
+def assert_pinned(case: str, **head_kwargs) -> Tuple[DRLocHead, torch.Tensor]:
+    """Check the pinned values of `case`; returns its head and grid."""
     head, grid = seeded_head_and_grid(case, **head_kwargs)
     loss = head(grid)
     next_draw = torch.randint(2 ** 30, ()).item()
@@ -61,6 +67,7 @@ def assert_pinned(case: str, **head_kwargs) -> None:
     assert next_draw == pinned_draw  # the head drew exactly as many random numbers as before
     torch.testing.assert_close(loss.item(), pinned_loss, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(head.mlp[0].weight.grad.norm().item(), pinned_grad_norm, rtol=1e-4, atol=1e-6)
+    return head, grid
 
 
 @pytest.mark.parametrize('case', list(CASES))
@@ -69,6 +76,16 @@ def test_same_seed_gives_the_released_heads_loss_gradient_and_draws(case):
 
 
 @pytest.mark.parametrize('case', ['l1-abs-14x14-gather', 'cbr-abs-normalize-6x6-runs-3x4-project'])
-def test_compiled_head_gives_the_released_heads_values_for_the_same_seed(case):
+def test_compiled_head_gives_the_released_heads_values_for_the_same_seed_and_logs_its_compile_time(case, caplog):
     torch._dynamo.reset()
-    assert_pinned(case, compiled=True)
+    start = time.perf_counter()
+    with caplog.at_level(logging.INFO, logger='timm_drloc.head'):
+        head, grid = assert_pinned(case, compiled=True)
+        elapsed = time.perf_counter() - start
+        head(grid)  # a second step: compiled already, nothing more to report
+    height, width = CASES[case][4]
+    [message] = [r.getMessage() for r in caplog.records if r.name == 'timm_drloc.head']
+    logged = re.fullmatch(
+        rf"DRLoc head {height}x{width}x12: first compiled call took (\d+\.\d) s \(the forward's compilation, unless "
+        r"a head of the same shapes compiled it already; the backward compiles in the first backward\)", message)
+    assert logged and float(logged.group(1)) <= elapsed + 0.05  # the time of the call, at most the whole test's

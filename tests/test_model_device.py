@@ -2,6 +2,7 @@
 in float32 for a backbone without parameters. The meta device stands in for a GPU (no memory, no kernels)."""
 from collections import OrderedDict
 
+import pytest
 import torch
 import torch.nn as nn
 
@@ -37,9 +38,29 @@ def test_per_axis_scales_of_a_non_square_grid_are_made_on_the_device_of_the_offs
     assert offsets_to_targets(classes, (3, 5), normalize=True).device == meta
 
 
-def test_the_cbr_loss_of_outputs_on_another_device_is_computed_there():
+@pytest.mark.parametrize('normalize', [False, True], ids=['cells', 'normalized'])
+def test_the_cbr_loss_of_outputs_on_another_device_is_computed_there(normalize):
+    # normalized, the offset values are divided by per-axis scales (3, 5), made on the outputs' device too
     meta = torch.device('meta')
-    head = DRLocHead(8, (3, 5), mode='cbr', hidden_dim=8).to(meta)
+    head = DRLocHead(8, (3, 5), mode='cbr', normalize=normalize, hidden_dim=8).to(meta)
     out = torch.zeros(2, 4, 8, device=meta)
     classes = torch.zeros(2, 4, 2, dtype=torch.long, device=meta)
     assert head.loss(out, classes, (3, 5)).device == meta
+
+
+@pytest.mark.parametrize('mode,normalize', [('l1', True), ('ce', False), ('cbr', True)])
+def test_a_head_computes_on_its_grids_device_whatever_torchs_default_device(mode, normalize):
+    # a default device of 'meta' stands in for set_default_device('cuda'): every tensor the head makes (pairs, class
+    # shifts and scales of a non-square grid, offset values) must follow the grid, here on the CPU
+    torch.manual_seed(0)
+    head = DRLocHead(8, (3, 5), mode=mode, use_abs=False, normalize=normalize, hidden_dim=8)
+    grid = torch.randn(2, 3, 5, 8)
+    torch.manual_seed(1)
+    expected = head(grid)
+    torch.set_default_device('meta')
+    try:
+        torch.manual_seed(1)  # the same pairs
+        loss = head(grid)
+    finally:
+        torch.set_default_device(None)
+    assert loss.device.type == 'cpu' and torch.equal(loss, expected)

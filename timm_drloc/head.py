@@ -79,10 +79,12 @@ def offset_classes(pos_a: torch.Tensor, pos_b: torch.Tensor, grid_size: Tuple[in
 
 def offsets_to_targets(classes: torch.Tensor, grid_size: Tuple[int, int], normalize: bool) -> torch.Tensor:
     """(..., 2) long offset classes -> (..., 2) regression targets: divided by (H, W) with `normalize`
-    (float32), else the classes themselves (no operator: the losses subtract them from float32)."""
+    (float32), else the classes themselves (no operator: the losses subtract them from float32).
+
+    The cast comes first: a long tensor divided by a number is in torch's default dtype, not float32."""
     if not normalize:
         return classes
-    return classes / per_axis(grid_size[0], grid_size[1], classes.device, torch.float32)
+    return classes.float() / per_axis(grid_size[0], grid_size[1], classes.device, torch.float32)
 
 
 def relative_targets(
@@ -388,12 +390,13 @@ def device_memory(device: torch.device) -> Optional[int]:
 
 
 def memory_text(size: float) -> str:
-    """Bytes as a short human figure: '512 MiB', '1.9 TiB'."""
+    """Bytes as a short human figure: '512 MiB', '1.9 TiB', '1007 GiB' (four digits: 1000 to 1023 of a
+    unit are written out, not as '1.01e+03')."""
     for unit in ('B', 'KiB', 'MiB', 'GiB', 'TiB'):
         if size < 1024:
-            return f'{size:.3g} {unit}'
+            return f'{size:.4g} {unit}'
         size /= 1024
-    return f'{size:.3g} PiB'
+    return f'{size:.4g} PiB'
 
 
 class HeadTooLargeError(ValueError):
