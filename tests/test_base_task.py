@@ -484,9 +484,18 @@ def test_a_task_state_without_heads_still_loads_the_projection_without_strict():
     _, loaded = make_task('feature', seed=5)
     state = saved.get_task_state()
     del state['drloc_heads']
+    state['projection'] = {k: torch.full_like(v, 0.5) for k, v in state['projection'].items()}
     loaded.load_task_state(state, strict=False)
     restored = loaded.get_task_state()['projection']
     assert all(torch.equal(restored[k], v) for k, v in state['projection'].items())
+
+
+def test_an_empty_task_state_without_strict_is_a_no_op_even_before_ema_exists():
+    _, task = make_task('feature')
+    before = task.get_task_state()
+    task.load_task_state({}, strict=False, ema=True)  # no EMA yet: nothing to load, nothing to refuse
+    after = task.get_task_state()
+    assert all(torch.equal(after[name][k], v) for name, part in before.items() for k, v in part.items())
 
 
 def test_a_projection_state_with_missing_keys_loads_only_without_strict():
