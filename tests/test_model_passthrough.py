@@ -80,3 +80,18 @@ def test_group_matcher_function_sees_the_backbones_own_names():
     drloc = wrap(Grouped(as_function=True), layers=['features'], input_size=(3, 32, 32), hidden_dim=8)
     matcher = drloc.group_matcher()
     assert [matcher('model.features.weight'), matcher('model.fc.weight'), matcher('features.bias')] == [(0,), (1,), (0,)]
+
+
+def test_timms_model_attributes_read_the_backbones_through_the_wrapper():
+    # what timm's train.py and hub code ask of the model: answered by the backbone, not by an error
+    model = vit()
+    drloc = wrap(model, hidden_dim=8)
+    assert (drloc.num_classes, drloc.num_features, drloc.head_hidden_size) == (3, 32, 32)
+    assert drloc.pretrained_cfg is model.pretrained_cfg and drloc.default_cfg == model.default_cfg
+    assert drloc.get_classifier() is model.head
+    drloc.reset_classifier(5)
+    assert model.num_classes == 5 and model.head.out_features == 5
+    drloc.set_grad_checkpointing(True)
+    assert model.grad_checkpointing is True
+    with pytest.raises(AttributeError):
+        drloc.cls_token  # the backbone has it, but only the attributes timm asks for pass through

@@ -165,6 +165,20 @@ def test_a_model_returning_a_dict_gets_a_clear_error_from_the_task():
         task(*batch())
 
 
+class ListOutputModel(DictOutputModel):
+    def forward(self, x):
+        return list(super().forward(x).values())
+
+
+def test_a_model_returning_a_list_gets_the_error_naming_its_type():
+    task = DRLocTask(ListOutputModel(), layers=['features'], input_size=(3, 32, 32), hidden_dim=8, verbose=False)
+    task.train()
+    with pytest.raises(ValueError) as error:
+        task(*batch())
+    assert str(error.value).startswith("ListOutputModel's forward returns a list, not the logits tensor the "
+                                       "classification loss needs.")
+
+
 # Losses of three AdamW steps recorded with the code of commit de33615, before `base_task=` existed:
 # DRLocTask alone must keep giving them for the same seed.
 RECORDED_STEPS = {  # mode: [(loss, task_loss, drloc_loss) per step]

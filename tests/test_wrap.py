@@ -463,3 +463,10 @@ def test_heads_larger_than_the_device_memory_are_refused_before_allocation(setti
     assert exc.value.memory.total > exc.value.available == device_memory(torch.device('cpu'))
     name, value = next(iter(setting.items()))
     assert f'{name}={value}' in str(exc.value) and 'the reference uses 512 and 64' in str(exc.value)
+
+
+@pytest.mark.parametrize('size', [(32, 32), (1, 3, 32, 32)])
+def test_an_input_size_that_is_not_channels_height_width_is_refused_naming_it(size):
+    with pytest.raises(ValueError) as error:
+        wrap(TinyCNN(), layers=['features'], input_size=size)
+    assert str(error.value) == f"input_size must be (C, H, W), got {size}."
