@@ -470,3 +470,17 @@ def test_an_input_size_that_is_not_channels_height_width_is_refused_naming_it(si
     with pytest.raises(ValueError) as error:
         wrap(TinyCNN(), layers=['features'], input_size=size)
     assert str(error.value) == f"input_size must be (C, H, W), got {size}."
+
+
+def test_the_memory_check_of_wrap_counts_the_heads_mode(monkeypatch):
+    # a device with room for l1's two outputs per pair but not for ce's offset classes: only ce is refused
+    import timm_drloc.head as head_module
+    from timm_drloc.head import HeadTooLargeError, head_memory
+    grids = [(16, (8, 8))]  # TinyCNN's 'features' grid at 32 px
+    l1 = head_memory(grids, 8, 64, 'l1', True).total
+    ce = head_memory(grids, 8, 64, 'ce', True).total
+    assert l1 < ce
+    monkeypatch.setattr(head_module, 'device_memory', lambda device: (l1 + ce) // 2)
+    assert wrap(TinyCNN(), layers=['features'], input_size=(3, 32, 32), hidden_dim=8).heads[0].mode == 'l1'
+    with pytest.raises(HeadTooLargeError):
+        wrap(TinyCNN(), layers=['features'], input_size=(3, 32, 32), hidden_dim=8, mode='ce')
