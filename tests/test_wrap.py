@@ -484,3 +484,11 @@ def test_the_memory_check_of_wrap_counts_the_heads_mode(monkeypatch):
     assert wrap(TinyCNN(), layers=['features'], input_size=(3, 32, 32), hidden_dim=8).heads[0].mode == 'l1'
     with pytest.raises(HeadTooLargeError):
         wrap(TinyCNN(), layers=['features'], input_size=(3, 32, 32), hidden_dim=8, mode='ce')
+
+
+def test_an_unknown_mode_is_refused_by_wrap_before_the_model_is_probed():
+    # settings first: the probe pass (and its errors, here a layer the model lacks) would cost time for nothing
+    from timm_drloc.errors import SettingError
+    with pytest.raises(SettingError) as error:
+        wrap(TinyCNN(), layers=['nowhere'], input_size=(3, 32, 32), hidden_dim=8, mode='l2')
+    assert (error.value.setting, str(error.value)) == ('mode', "mode must be one of l1, ce, cbr, got 'l2'")
