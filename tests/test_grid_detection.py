@@ -160,15 +160,16 @@ class Split(nn.Module):
         return y[:, :3], y[:, 3:]
 
 
-class Branches(nn.Module):
-    """feature_info names a module that returns two 3-channel branches: neither is its 6-channel grid."""
+class ConvThenTuple(nn.Module):
+    """A 6-channel conv map, then a module returning a tuple, which feature_info names as the 6-channel stage;
+    forward_intermediates returns the conv map."""
 
-    def __init__(self):
+    def __init__(self, name: str, module: nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(3, 6, 3, stride=4, padding=1)
-        self.split = Split()
+        self.add_module(name, module)
         self.fc = nn.Linear(6, 2)
-        self.feature_info = [dict(module='split', num_chs=6, reduction=4)]
+        self.feature_info = [dict(module=name, num_chs=6, reduction=4)]
 
     def forward_intermediates(self, x, indices=None, norm=False):
         y = self.conv(x)
@@ -176,6 +177,13 @@ class Branches(nn.Module):
 
     def forward_head(self, y):
         return self.fc(y.mean((2, 3)))
+
+
+class Branches(ConvThenTuple):
+    """feature_info names a module that returns two 3-channel branches: neither is its 6-channel grid."""
+
+    def __init__(self):
+        super().__init__('split', Split())
 
     def forward(self, x):
         return self.forward_head(torch.cat(self.split(self.conv(x)), 1))
@@ -295,23 +303,12 @@ class SideMapAndGrid(nn.Module):
         return y[:, :3] * 2, y  # B, 3, H, W and B, 6, H, W
 
 
-class GridSecond(nn.Module):
+class GridSecond(ConvThenTuple):
     """feature_info names a module returning (a 3-channel side map, the 6-channel grid), both NCHW; hooks read it,
     though forward_intermediates could too."""
 
     def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 6, 3, stride=4, padding=1)
-        self.pair = SideMapAndGrid()
-        self.fc = nn.Linear(6, 2)
-        self.feature_info = [dict(module='pair', num_chs=6, reduction=4)]
-
-    def forward_intermediates(self, x, indices=None, norm=False):
-        y = self.conv(x)
-        return y, [y] if 0 in indices else []
-
-    def forward_head(self, y):
-        return self.fc(y.mean((2, 3)))
+        super().__init__('pair', SideMapAndGrid())
 
     def forward(self, x):
         return self.forward_head(self.pair(self.conv(x))[1])
