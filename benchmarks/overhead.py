@@ -86,6 +86,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--skip-count', action='store_true',
                         help='do not count the operators DRLoc adds per step (benchmarks/opcount.py)')
     parser.add_argument('--phases', action='store_true', help='also print CPU time of forward / backward / optimizer')
+    parser.add_argument('--first-layer', default='auto', choices=('auto', 'gather-then-project', 'project-then-gather'),
+                        help="a diagnostic: make every DRLoc head compute its first layer this way (DRLocHead's two "
+                             "paths give the same values); auto: the head's own choice")
     parser.add_argument('--opt', default='adamw', help="timm optimizer for both tasks (default: adamw)")
     parser.add_argument('--threads', type=int, default=None,
                         help='torch CPU threads (default: torch\'s); 1 gives the steadiest CPU-time ratio on shared cores')
@@ -383,13 +386,18 @@ def mib(num_bytes: int) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
+    if args.first_layer != 'auto':
+        from timm_drloc import DRLocHead
+        path = DRLocHead.gather_then_project if args.first_layer == 'gather-then-project' else \
+            DRLocHead.project_then_gather
+        DRLocHead.pair_preactivations = path  # for this process only: the benchmark is the whole program
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == 'cuda' else f'CPU, {torch.get_num_threads()} threads'
     print(f'# torch {torch.__version__}, {name}; batch {args.batch_size}, {args.img_size}px, m={args.samples}, '
           f'hidden {args.hidden_dim}, amp={args.amp}, compile={args.compile}, multiscale={args.multiscale}, '
-          f'opt={args.opt}, median of {args.steps} steps after {args.warmup} warm-up'
+          f'opt={args.opt}, first layer {args.first_layer}, median of {args.steps} steps after {args.warmup} warm-up'
           + (f'; timm = {args.kd} distillation from {args.kd_teacher}, drloc = DRLoc over it' if args.kd else '')
           + ('; A/A CHECK: the drloc columns are a second plain timm task' if args.aa else ''))
     if device.type == 'cpu':
