@@ -1,9 +1,10 @@
 """Where DRLoc's step time goes on a GPU: GPU kernel time vs the whole step, and the first-layer paths.
 
 A diagnostic companion of overhead.py (same tasks, same alternating steps). Per model it times three
-tasks on copies of one model: timm's ClassificationTask, DRLocTask as shipped ('project': a grid with
-fewer cells than pairs is projected cell by cell before the gather), and DRLocTask whose heads always
-gather the pairs first ('gather'). Then it profiles one step of each with torch.profiler and prints
+tasks on copies of one model: timm's ClassificationTask, DRLocTask as shipped on a GPU ('gather': the
+heads gather the pairs, then apply the first layer), and DRLocTask whose heads project every cell with
+the first layer before gathering ('project', what a CPU head does on a grid with fewer cells than pairs
+and at least as many channels as the hidden width). Then it profiles one step of each with torch.profiler and prints
 the GPU's busy time (the sum of its kernels' durations) and the kernel count: when the step takes much
 longer than the GPU is busy, the step is bound by the host launching kernels, and what DRLoc adds is
 mostly its kernel launches. Eager runs also check the DRLoc step for host-device synchronizations.
@@ -23,7 +24,8 @@ from typing import Callable
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # overhead.py beside this file
-from overhead import create_model, make_batch, make_step, synchronize, time_alternating  # noqa: E402
+from overhead import (  # noqa: E402
+    create_model, force_first_layer, make_batch, make_step, synchronize, time_alternating)
 
 
 def build(model_name: str, args: argparse.Namespace, device: torch.device):
@@ -33,12 +35,10 @@ def build(model_name: str, args: argparse.Namespace, device: torch.device):
     from timm_drloc import DRLocTask
     model = create_model(model_name, args.img_size, seed=0)
     tasks = {'timm': ClassificationTask(copy.deepcopy(model).to(device), device=device, verbose=False)}
-    for name in ('project', 'gather'):
+    for name, path in (('gather', 'gather-then-project'), ('project', 'project-then-gather')):
         task = DRLocTask(copy.deepcopy(model).to(device), drloc_lambda=0.5, device=device, verbose=False,
                          input_size=(3, args.img_size, args.img_size))
-        if name == 'gather':
-            for head in task.trainable_module.heads:
-                head.pair_preactivations = head.gather_then_project  # instead of choosing by grid size
+        force_first_layer(path, task.trainable_module.heads)
         tasks[name] = task
     for task in tasks.values():
         task.train()
@@ -97,7 +97,7 @@ def main() -> int:
             torch.cuda.set_sync_debug_mode('warn')
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter('always')
-                steps['project']()
+                steps['gather']()  # as shipped
                 synchronize(device)
             torch.cuda.set_sync_debug_mode('default')
             syncs = [str(c.message).splitlines()[0] for c in caught if 'synchroniz' in str(c.message)]

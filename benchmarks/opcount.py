@@ -25,7 +25,11 @@ DRLocHead's forward and backward on a (B, H, W, C) grid of each model's shape an
 `tiny_vit` is the digits demo's ViT (4 blocks, 64 wide) at 16 px inputs, a 4x4 grid (the demo's inputs
 before issue 11; it now trains at 32 px, an 8x8 grid). The counts do not
 depend on the batch size from 2 on (at batch 1 some copies of strided grids are views); they do depend
-on the grid having fewer cells than pairs (the first layer then runs per cell) and on autocast (casts).
+on autocast (casts) and on the head's first-layer path (`DRLocHead.projects_cells_first`). An eager GPU
+head gathers the pairs first; a CPU head, or a compiled one, projects every cell first on grids with fewer
+cells than pairs and at least as many channels as the hidden width (ResNet-50's and Swin-T's 7x7), 2-3
+operators more eager, fewer compiled. The counts follow a GPU head by default (`--first-layer as-on-gpu`),
+whatever the machine; `--first-layer auto` counts this machine's choice.
 """
 import argparse
 import collections
@@ -40,7 +44,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # overhead.py beside this file
 from overhead import (  # noqa: E402
-    DEFAULT_MODELS, TINY_VIT, build_tasks, make_batch, make_step, model_img_size)
+    DEFAULT_MODELS, TINY_VIT, add_first_layer_flag, build_tasks, force_first_layer, make_batch, make_step,
+    model_img_size)
 from overhead import parse_args as overhead_args  # noqa: E402
 
 # operators that dispatch but launch no kernel besides the views torch marks as such: allocation only
@@ -216,6 +221,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--img-size', type=int, default=224, help=f'input size (not for {TINY_VIT}: 16)')
     parser.add_argument('--device', default='cpu')
     parser.add_argument('--list', action='store_true', help='print the operators DRLoc adds, by name')
+    add_first_layer_flag(parser, 'as-on-gpu', ", so that any machine counts a GPU step's operators")
     return parser.parse_args(argv)
 
 
@@ -223,9 +229,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(min(torch.get_num_threads(), 2))
     device = torch.device(args.device)
+    force_first_layer(args.first_layer)
     profile_compiled_kernels()
     print(f'# torch {torch.__version__}; operators per training step (forward, backward, foreach AdamW), '
-          f'batch {args.batch_size}, m=64, hidden 512, head {"compiled" if args.compile_head else "eager"}')
+          f'batch {args.batch_size}, m=64, hidden 512, head {"compiled" if args.compile_head else "eager"}, '
+          f'first layer {args.first_layer}')
     print(f"{'model':<30} {'prec':<5} {'timm kernels':>12} {'DRLoc +kernels':>14} {'DRLoc +views':>12} "
           f"{'head kernels':>12} {'head views':>10}  grid")
     for model_name in args.models:

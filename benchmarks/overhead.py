@@ -36,13 +36,14 @@ distillation needs a distilled student (`--models deit_small_distilled_patch16_2
 """
 import argparse
 import copy
+import functools
 import math
 import os
 import statistics
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -50,6 +51,7 @@ import torch.nn.functional as F
 
 DEFAULT_MODELS = ('swin_tiny_patch4_window7_224', 'vit_small_patch16_224', 'resnet50')
 TINY_VIT = 'tiny_vit'  # the digits demo's ViT (timm_drloc.demo): 4 blocks, 64 wide, patch 4; at 16 px here
+FIRST_LAYER_CHOICES = ('auto', 'as-on-gpu', 'gather-then-project', 'project-then-gather')
 
 
 @dataclass
@@ -64,6 +66,14 @@ class StepStats:
     cpu_seconds: float
     fastest: float
     peak_bytes: int
+
+
+def add_first_layer_flag(parser: argparse.ArgumentParser, default: str = 'auto', why: str = '') -> None:
+    """`--first-layer`: make every DRLoc head take one first-layer path (`force_first_layer`)."""
+    parser.add_argument('--first-layer', default=default, choices=FIRST_LAYER_CHOICES,
+                        help="make every DRLoc head compute its first layer this way (DRLocHead's two paths give the "
+                             "same values): auto, the head's own choice on this device; as-on-gpu, the choice of a "
+                             f"GPU head (gather first, unless compiled); or one path (default: {default}{why})")
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -86,9 +96,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--skip-count', action='store_true',
                         help='do not count the operators DRLoc adds per step (benchmarks/opcount.py)')
     parser.add_argument('--phases', action='store_true', help='also print CPU time of forward / backward / optimizer')
-    parser.add_argument('--first-layer', default='auto', choices=('auto', 'gather-then-project', 'project-then-gather'),
-                        help="a diagnostic: make every DRLoc head compute its first layer this way (DRLocHead's two "
-                             "paths give the same values); auto: the head's own choice")
+    add_first_layer_flag(parser)
     parser.add_argument('--opt', default='adamw', help="timm optimizer for both tasks (default: adamw)")
     parser.add_argument('--threads', type=int, default=None,
                         help='torch CPU threads (default: torch\'s); 1 gives the steadiest CPU-time ratio on shared cores')
@@ -380,17 +388,39 @@ def bench_head(args: argparse.Namespace, grid_size: Tuple[int, int], chans: int,
     return statistics.median(times['ours']), statistics.median(times['reference'])
 
 
+def force_first_layer(choice: str, heads: Optional[Iterable[nn.Module]] = None) -> None:
+    """Make DRLoc heads compute their first layer one way, whatever `DRLocHead.projects_cells_first` would
+    choose on this device (both ways give the same values): `heads`, or every head of this process.
+
+    Args:
+        choice: one of FIRST_LAYER_CHOICES. 'auto' changes nothing; 'as-on-gpu' applies the rule of a GPU
+            head (gather first, unless compiled); the other two name a path.
+        heads: DRLocHead instances; None patches the class.
+    """
+    from timm_drloc import DRLocHead
+    if choice == 'auto':
+        return
+    rule = DRLocHead.projects_cells_first
+
+    def choose(head: nn.Module, grid: torch.Tensor, num_samples: int) -> bool:
+        if choice == 'as-on-gpu':
+            return rule(head, grid, num_samples, device_type='cuda')
+        return choice == 'project-then-gather'
+
+    if heads is None:
+        DRLocHead.projects_cells_first = choose
+        return
+    for head in heads:
+        head.projects_cells_first = functools.partial(choose, head)
+
+
 def mib(num_bytes: int) -> str:
     return f'{num_bytes / 2 ** 20:8.1f}'
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
-    if args.first_layer != 'auto':
-        from timm_drloc import DRLocHead
-        path = DRLocHead.gather_then_project if args.first_layer == 'gather-then-project' else \
-            DRLocHead.project_then_gather
-        DRLocHead.pair_preactivations = path  # for this process only: the benchmark is the whole program
+    force_first_layer(args.first_layer)  # for this process only: the benchmark is the whole program
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)

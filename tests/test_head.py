@@ -119,15 +119,52 @@ def test_projecting_cells_first_equals_projecting_gathered_pairs(grid_size, num_
     torch.testing.assert_close(head.gather_then_project(grid, cells), expected)
 
 
-@pytest.mark.parametrize('num_samples', [16, 8], ids=['more-pairs-than-cells', 'fewer-pairs-than-cells'])
-def test_first_layer_multiply_adds_are_those_of_the_fewer_of_cells_and_pairs(num_samples):
-    # a 2 x 5 grid (10 cells) of 8 channels, hidden 16, 3 images: a Linear of 2C -> hidden on min(10, M) rows per
-    # image (each cell projected with both halves of W, or each pair's [e_a; e_b]): 2 * 3 * min * 2C * hidden FLOPs
-    head = DRLocHead(8, (2, 5), num_samples=num_samples, hidden_dim=16)
+@pytest.mark.parametrize('channels,num_samples,per_cell', [
+    (16, 16, True),   # 10 cells < 16 pairs, and hidden 16 <= C 16: per cell, fewer multiply-adds and values gathered
+    (24, 16, True),
+    (16, 8, False),   # 8 pairs < 10 cells: per pair
+    (8, 16, False),   # hidden 16 > C 8: per cell would gather more values (hidden instead of C per pair end)
+], ids=['hidden-equals-channels', 'wider-grid', 'fewer-pairs-than-cells', 'narrow-grid'])
+def test_cpu_heads_project_cells_first_only_where_that_saves_multiply_adds_and_gathered_values(
+        channels, num_samples, per_cell):
+    # a 2 x 5 grid (10 cells), hidden 16, 3 images: a Linear of 2C -> hidden on 10 rows per image (each cell
+    # projected with both halves of W) or on M rows (each pair's [e_a; e_b]): 2 * 3 * rows * 2C * hidden FLOPs
+    head = DRLocHead(channels, (2, 5), num_samples=num_samples, hidden_dim=16)
+    grid = torch.randn(3, 2, 5, channels)
     cells = draw_cells(3, 10, num_samples, torch.device('cpu'))
     with FlopCounterMode(display=False) as counter:
-        head.pair_preactivations(torch.randn(3, 2, 5, 8), cells)
-    assert counter.get_total_flops() == 2 * 3 * min(10, num_samples) * 2 * 8 * 16
+        head.pair_preactivations(grid, cells)
+    assert head.projects_cells_first(grid, num_samples) is per_cell
+    assert counter.get_total_flops() == 2 * 3 * (10 if per_cell else num_samples) * 2 * channels * 16
+
+
+def test_heads_off_the_cpu_gather_the_pairs_first_even_where_the_cpu_projects_cells_first():
+    # a GPU step is bound by its launches, and gathering first dispatches fewer operators; the meta device
+    # stands in for it (no GPU here): the first layer runs on the 16 gathered pairs, not on the 10 cells
+    head = DRLocHead(16, (2, 5), num_samples=16, hidden_dim=16).to('meta')
+    grid = torch.randn(3, 2, 5, 16, device='meta')
+    cells = draw_cells(3, 10, 16, grid.device)
+    with FlopCounterMode(display=False) as counter:
+        out = head.pair_preactivations(grid, cells)
+    assert out.shape == (3, 16, 16)
+    assert not head.projects_cells_first(grid, 16)
+    assert head.projects_cells_first(torch.randn(3, 2, 5, 16), 16)
+    assert counter.get_total_flops() == 2 * 3 * 16 * 2 * 16 * 16
+
+
+def test_compiled_heads_project_cells_first_on_any_device_where_that_is_cheaper():
+    # inductor fuses the per-cell path's sum and bias add, so launches no longer favour gathering first
+    head = DRLocHead(16, (2, 5), num_samples=16, hidden_dim=16)
+    narrow = DRLocHead(8, (2, 5), num_samples=16, hidden_dim=16)
+
+    def choices(grid: torch.Tensor) -> torch.Tensor:  # (B, H, W, C) -> (2,): the two heads' choices as numbers
+        return grid.new_tensor([float(head.projects_cells_first(grid, 16, device_type='cuda')),
+                                float(narrow.projects_cells_first(grid[..., :8], 16, device_type='cuda'))])
+
+    grid = torch.randn(3, 2, 5, 16)
+    torch._dynamo.reset()
+    assert choices(grid).tolist() == [0., 0.]  # eager, on a GPU: gather first
+    assert torch.compile(choices, backend='eager', fullgraph=True)(grid).tolist() == [1., 0.]
 
 
 @pytest.mark.parametrize('mode', ['l1', 'cbr'])

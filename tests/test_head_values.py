@@ -28,7 +28,8 @@ CASES = {
     'cbr-signed-4x6-gather': ('cbr', False, False, (4, 6), (4, 6), 8, False),
     'cbr-signed-normalize-7x7-project': ('cbr', False, True, (7, 7), (7, 7), 64, True),
 }
-# 'project': fewer cells than pairs (the first layer runs per cell); 'gather': more cells than pairs
+# 'project': fewer cells than pairs (a CPU head with a hidden width at most C runs the first layer per cell);
+# 'gather': at least as many cells as pairs. Hidden 16 > C 12 here, so these heads gather first unless forced.
 
 # id: loss, norm of mlp[0].weight.grad, next torch.randint(2 ** 30, ()) after the forward
 PINNED = {
@@ -72,6 +73,14 @@ def assert_pinned(case: str, **head_kwargs) -> Tuple[DRLocHead, torch.Tensor]:
 
 @pytest.mark.parametrize('case', list(CASES))
 def test_same_seed_gives_the_released_heads_loss_gradient_and_draws(case):
+    assert_pinned(case)
+
+
+@pytest.mark.parametrize('per_cell', [True, False], ids=['project-then-gather', 'gather-then-project'])
+@pytest.mark.parametrize('case', list(CASES))
+def test_both_first_layer_paths_give_the_released_heads_values(case, per_cell, monkeypatch):
+    # the path depends on the device and the grid (DRLocHead.projects_cells_first); the values must not
+    monkeypatch.setattr(DRLocHead, 'projects_cells_first', lambda head, grid, num_samples: per_cell)
     assert_pinned(case)
 
 

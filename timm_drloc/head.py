@@ -211,9 +211,6 @@ class DRLocHead(nn.Module):
     def pair_preactivations(self, grid: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
         """First MLP layer on the concatenated pairs [e_a; e_b], the cheaper way round for this grid.
 
-        With more sampled pairs than grid cells (m = 64 on a 7 x 7 grid), projecting every cell once and
-        gathering the projections costs fewer multiply-adds than projecting the 2m gathered cells.
-
         Args:
             grid: (B, H, W, C) features.
             cells: (B, 2, M) flat indices of the first and second cell of each pair.
@@ -221,9 +218,30 @@ class DRLocHead(nn.Module):
         Returns:
             (B, M, hidden) pre-activations.
         """
-        if grid.shape[1] * grid.shape[2] < cells.shape[-1]:
+        if self.projects_cells_first(grid, cells.shape[-1]):
             return self.project_then_gather(grid, cells)
         return self.gather_then_project(grid, cells)
+
+    def projects_cells_first(self, grid: torch.Tensor, num_samples: int, device_type: Optional[str] = None) -> bool:
+        """Whether `pair_preactivations` projects every cell before gathering (else it gathers the pairs first).
+
+        Only where projecting every cell is cheaper on both counts: fewer multiply-adds (fewer cells than
+        pairs: 7 x 7 < m = 64) and no more values gathered (hidden width at most the channels C: the gather
+        then moves hidden instead of C values per pair end). A small grid of few channels (4 x 4 x 64) passes
+        the first test and fails the second: there, gathering (B, M, hidden, 2) projections costs the CPU more
+        than the multiply-adds save (`benchmarks/first_layer.py`). And only on the CPU, whose time goes to
+        arithmetic, or under torch.compile, which fuses the extra sum and bias add: an eager GPU step is
+        bound by its launches, and gathering first dispatches 2-3 operators fewer.
+
+        Args:
+            grid: (B, H, W, C) features.
+            num_samples: pairs per image (M).
+            device_type: the device whose rule applies (default: the grid's); 'cuda' lets a CPU count the
+                operators a GPU head dispatches (benchmarks/opcount.py).
+        """
+        height, width, channels = grid.shape[1:]
+        cheaper = height * width < num_samples and self.mlp[0].out_features <= channels
+        return cheaper and ((device_type or grid.device.type) == 'cpu' or torch.compiler.is_compiling())
 
     def gather_then_project(self, grid: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
         """Gather both cells of every pair in one op, then W [e_a; e_b] + b. Shapes as `pair_preactivations`."""
