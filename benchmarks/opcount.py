@@ -27,7 +27,7 @@ before issue 11; it now trains at 32 px, an 8x8 grid). The counts do not
 depend on the batch size from 2 on (at batch 1 some copies of strided grids are views); they do depend
 on autocast (casts) and on the head's first-layer path (`DRLocHead.projects_cells_first`). An eager GPU
 head gathers the pairs first; a CPU head, or a compiled one, projects every cell first on grids with fewer
-cells than pairs and at least as many channels as the hidden width (ResNet-50's and Swin-T's 7x7), 2-3
+cells than pairs and at least as many channels as the hidden width (ResNet-50's and Swin-T's 7x7), 1-3
 operators more eager, fewer compiled. The counts follow a GPU head by default (`--first-layer as-on-gpu`),
 whatever the machine; `--first-layer auto` counts this machine's choice.
 """

@@ -231,7 +231,7 @@ class DRLocHead(nn.Module):
         the first test and fails the second: there, gathering (B, M, hidden, 2) projections costs the CPU more
         than the multiply-adds save (`benchmarks/first_layer.py`). And only on the CPU, whose time goes to
         arithmetic, or under torch.compile, which fuses the extra sum and bias add: an eager GPU step is
-        bound by its launches, and gathering first dispatches 2-3 operators fewer.
+        bound by its launches, and gathering first dispatches 1-3 operators fewer.
 
         Args:
             grid: (B, H, W, C) features.
