@@ -123,8 +123,9 @@ def test_projecting_cells_first_equals_projecting_gathered_pairs(grid_size, num_
     (16, 16, True),   # 10 cells < 16 pairs, and hidden 16 <= C 16: per cell, fewer multiply-adds and values gathered
     (24, 16, True),
     (16, 8, False),   # 8 pairs < 10 cells: per pair
+    (16, 10, False),  # as many pairs as cells: the same multiply-adds, so the path of fewer operators
     (8, 16, False),   # hidden 16 > C 8: per cell would gather more values (hidden instead of C per pair end)
-], ids=['hidden-equals-channels', 'wider-grid', 'fewer-pairs-than-cells', 'narrow-grid'])
+], ids=['hidden-equals-channels', 'wider-grid', 'fewer-pairs-than-cells', 'as-many-pairs-as-cells', 'narrow-grid'])
 def test_cpu_heads_project_cells_first_only_where_that_saves_multiply_adds_and_gathered_values(
         channels, num_samples, per_cell):
     # a 2 x 5 grid (10 cells), hidden 16, 3 images: a Linear of 2C -> hidden on 10 rows per image (each cell
