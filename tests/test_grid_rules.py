@@ -184,3 +184,23 @@ def _patch_embed(img_size) -> nn.Module:
 ])
 def test_the_input_a_model_was_built_for_comes_from_its_own_attributes_then_its_pretrained_cfg(model, size):
     assert default_input_size(model) == size
+
+
+@pytest.mark.parametrize('length, input_hw, expected', [
+    (50, (28, 28), ('NLC', 1, (7, 7))),           # a class token
+    (1600 + 63, (160, 160), ('NLC', 63, (40, 40))),  # the most prefix tokens tried without the model's count
+    (36 + 5, (32, 64), ('NLC', 5, (4, 9))),       # the fewest that leave a grid of the input's aspect
+])
+def test_tokens_without_a_prefix_count_are_read_after_the_fewest_prefix_tokens_that_leave_a_square(
+        length, input_hw, expected):
+    assert find_layout((2, length, 100), input_hw) == expected
+
+
+@pytest.mark.parametrize('length, input_hw', [
+    (1600 + 64, (160, 160)),  # 64 prefix tokens would leave 40 x 40: more than are ever tried
+    (49, (32, 64)),           # square itself but not of a 1:2 input; 13 prefix tokens (4 x 9 left) are not tried
+    (3200 + 1, (320, 640)),   # 1 prefix token would leave 40 x 80, but only counts that leave a square are tried
+])
+def test_tokens_that_no_tried_prefix_turns_into_a_grid_are_refused(length, input_hw):
+    with pytest.raises(GridNotFoundError, match='do not form a grid'):
+        find_layout((2, length, 100), input_hw)
