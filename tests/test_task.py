@@ -240,3 +240,12 @@ def test_an_empty_task_state_without_strict_is_a_no_op_even_before_ema_exists():
     task.load_task_state({}, strict=False, ema=True)  # no EMA yet: nothing to load, nothing to refuse
     task.load_task_state(None, strict=False)
     assert all(torch.equal(v, before[k]) for k, v in task.get_task_state()['drloc_heads'].items())
+
+
+def test_a_criterion_with_class_weights_is_moved_to_the_tasks_device():
+    # as timm's ClassificationTask does: a criterion's buffers follow `device=` ('meta': the other device every
+    # machine has), so weighted cross-entropy does not mix devices on a GPU
+    weighted = torch.nn.CrossEntropyLoss(weight=torch.tensor([1., 2., 1., 1.]))
+    _, task = make_task(criterion=weighted, device=torch.device('meta'))
+    assert task.criterion is weighted
+    assert task.criterion.weight.device == torch.device('meta')
