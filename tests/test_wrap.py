@@ -492,3 +492,15 @@ def test_an_unknown_mode_is_refused_by_wrap_before_the_model_is_probed():
     with pytest.raises(SettingError) as error:
         wrap(TinyCNN(), layers=['nowhere'], input_size=(3, 32, 32), hidden_dim=8, mode='l2')
     assert (error.value.setting, str(error.value)) == ('mode', "mode must be one of l1, ce, cbr, got 'l2'")
+
+
+@pytest.mark.parametrize('setting, kwargs, message', [
+    ('multiscale', dict(multiscale=True), 'multiscale picks the stages itself; with layers name each grid module instead'),
+    ('compile_head', dict(compile_head='fast'), 'compile_head must be True, False or a torch.compile mode (default, '
+                                                "reduce-overhead, max-autotune, max-autotune-no-cudagraphs), got 'fast'"),
+])
+def test_multiscale_and_compile_head_are_refused_by_wrap_before_the_model_is_probed(setting, kwargs, message):
+    from timm_drloc.errors import SettingError
+    with pytest.raises(SettingError) as error:
+        wrap(TinyCNN(), layers=['nowhere'], input_size=(3, 32, 32), hidden_dim=8, **kwargs)
+    assert (error.value.setting, str(error.value)) == (setting, message)
