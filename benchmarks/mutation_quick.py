@@ -33,10 +33,11 @@ TESTS = {
     'grids': ['test_grid_rules.py', 'test_grid_detection.py', 'test_grid_contents.py', 'test_defaults.py', 'test_model_device.py',
               'test_wrap.py', 'test_model_passthrough.py'],
     'model': ['test_wrap.py', 'test_defaults.py', 'test_model_device.py', 'test_model_passthrough.py',
-              'test_grid_contents.py', 'test_task_wrappers.py'],
-    'task': ['test_task.py', 'test_base_task.py', 'test_task_wrappers.py', 'test_flag_plumbing.py'],
+              'test_grid_contents.py', 'test_task_wrappers.py', 'test_grid_detection.py'],
+    'task': ['test_task.py', 'test_base_task.py', 'test_task_wrappers.py', 'test_flag_plumbing.py',
+             'test_checkpoint_safety.py'],
     'settings': ['test_settings_messages.py', 'test_settings.py', 'test_defaults.py', 'test_flag_plumbing.py', 'test_wrap.py',
-                 'test_train_flags.py', 'test_task.py'],
+                 'test_train_flags.py', 'test_task.py', 'test_task_wrappers.py'],
     'trainable': ['test_base_task.py', 'test_task.py'],
 }
 CPU_LIMIT_S = 240  # a mutant whose tests take longer (an endless loop, a compile) counts as a timeout: killed
