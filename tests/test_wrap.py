@@ -504,3 +504,13 @@ def test_multiscale_and_compile_head_are_refused_by_wrap_before_the_model_is_pro
     with pytest.raises(SettingError) as error:
         wrap(TinyCNN(), layers=['nowhere'], input_size=(3, 32, 32), hidden_dim=8, **kwargs)
     assert (error.value.setting, str(error.value)) == (setting, message)
+
+
+@pytest.mark.parametrize('mode', ['l1', 'ce', 'cbr'])
+def test_wrap_builds_heads_of_the_mode_asked_for(mode):
+    # l1 regresses 2 numbers; ce and cbr score every offset per axis from a hidden-wide output
+    model = wrap(TinyCNN(), layers=['features'], input_size=(3, 32, 32), hidden_dim=8, mode=mode)
+    [head] = model.heads
+    assert head.mode == mode
+    assert head.mlp[4].out_features == (2 if mode == 'l1' else 8)
+    assert (head.axis_heads is None) == (mode == 'l1')
