@@ -249,3 +249,26 @@ def test_a_criterion_with_class_weights_is_moved_to_the_tasks_device():
     _, task = make_task(criterion=weighted, device=torch.device('meta'))
     assert task.criterion is weighted
     assert task.criterion.weight.device == torch.device('meta')
+
+
+def test_a_plain_logits_and_loss_tuple_from_a_wrapper_of_the_trainable_module_gives_the_same_loss():
+    # a wrapper around the trainable module (DDP-like: it keeps it as .module) may hand back the (logits, drloc
+    # loss) pair as a plain tuple; the task reads it as the DRLocOutput it was
+    class PlainTuple(torch.nn.Module):
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+        def forward(self, x):
+            return tuple(self.module(x))
+
+    _, task = make_task(drloc_lambda=0.5)
+    task.train()
+    x, y = batch()
+    torch.manual_seed(2)
+    expected = task(x, y)
+    task.trainable_module = PlainTuple(task.trainable_module)
+    torch.manual_seed(2)
+    result = task(x, y)
+    torch.testing.assert_close(result['loss'], expected['loss'])
+    torch.testing.assert_close(result['drloc_loss'], expected['drloc_loss'])

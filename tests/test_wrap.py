@@ -496,13 +496,14 @@ def test_an_unknown_mode_is_refused_by_wrap_before_the_model_is_probed():
 
 @pytest.mark.parametrize('setting, kwargs, message', [
     ('multiscale', dict(multiscale=True), 'multiscale picks the stages itself; with layers name each grid module instead'),
+    ('hidden_dim', dict(hidden_dim=0), 'hidden_dim must be an integer >= 1, got 0; the reference uses 512'),
     ('compile_head', dict(compile_head='fast'), 'compile_head must be True, False or a torch.compile mode (default, '
                                                 "reduce-overhead, max-autotune, max-autotune-no-cudagraphs), got 'fast'"),
 ])
-def test_multiscale_and_compile_head_are_refused_by_wrap_before_the_model_is_probed(setting, kwargs, message):
+def test_multiscale_hidden_dim_and_compile_head_are_refused_by_wrap_before_the_model_is_probed(setting, kwargs, message):
     from timm_drloc.errors import SettingError
     with pytest.raises(SettingError) as error:
-        wrap(TinyCNN(), layers=['nowhere'], input_size=(3, 32, 32), hidden_dim=8, **kwargs)
+        wrap(TinyCNN(), layers=['nowhere'], input_size=(3, 32, 32), **{'hidden_dim': 8, **kwargs})
     assert (error.value.setting, str(error.value)) == (setting, message)
 
 
