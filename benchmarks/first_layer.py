@@ -21,7 +21,7 @@ from typing import Callable, Optional, Sequence, Tuple
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # overhead.py beside this file
-from overhead import paired_ratio, synchronize, time_alternating  # noqa: E402
+from overhead import device_name, paired_ratio, synchronize, time_alternating  # noqa: E402
 
 DEFAULT_GRIDS = ('7x7x2048', '7x7x768', '7x7x384', '4x4x512', '4x4x256', '4x4x64', '14x14x384')
 
@@ -87,7 +87,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    name = torch.cuda.get_device_name(device) if device.type == 'cuda' else f'CPU, {torch.get_num_threads()} threads'
+    name = device_name(device)
     print(f'# torch {torch.__version__}, {name}; batch {args.batch_size}, m={args.samples}, hidden {args.hidden_dim}, '
           f'first layer forward + backward, median of {args.steps} rounds after {args.warmup} warm-up')
     print(f"{'grid':<12} {'head picks':>10} {'project ms':>10} {'gather ms':>10}  project / gather [95 % interval]")

@@ -115,6 +115,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return args
 
 
+def device_name(device: torch.device) -> str:
+    """What a benchmark's header names the device by: the GPU's name, or the CPU and its torch threads."""
+    return torch.cuda.get_device_name(device) if device.type == 'cuda' else f'CPU, {torch.get_num_threads()} threads'
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == 'cuda':
         torch.cuda.synchronize(device)
@@ -424,7 +429,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    name = torch.cuda.get_device_name(device) if device.type == 'cuda' else f'CPU, {torch.get_num_threads()} threads'
+    name = device_name(device)
     print(f'# torch {torch.__version__}, {name}; batch {args.batch_size}, {args.img_size}px, m={args.samples}, '
           f'hidden {args.hidden_dim}, amp={args.amp}, compile={args.compile}, multiscale={args.multiscale}, '
           f'opt={args.opt}, first layer {args.first_layer}, median of {args.steps} steps after {args.warmup} warm-up'

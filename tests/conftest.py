@@ -1,6 +1,9 @@
 """Shared fixtures: small generated ImageFolder datasets (train/ and validation/ splits) in tmp dirs, and a Hub
-that no test reaches."""
+that no test reaches; and `load_benchmark` for the tests of benchmarks/ scripts."""
+import importlib.util
+import sys
 from pathlib import Path
+from types import ModuleType
 from typing import Callable, Sequence
 
 import huggingface_hub
@@ -36,6 +39,19 @@ def write_image_folder(
                 pixels[row * cell:(row + 1) * cell, col * cell:(col + 1) * cell] = 250
                 Image.fromarray(pixels).save(folder / f'{n}.png')
     return root
+
+
+def load_benchmark(name: str) -> ModuleType:
+    """The script benchmarks/<name>.py as a module (benchmarks/ is no package; its scripts import each other)."""
+    benchmarks = str(Path(__file__).resolve().parents[1] / 'benchmarks')
+    sys.path.insert(0, benchmarks)
+    try:
+        spec = importlib.util.spec_from_file_location(name, f'{benchmarks}/{name}.py')
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(benchmarks)
 
 
 @pytest.fixture

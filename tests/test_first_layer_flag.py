@@ -1,29 +1,13 @@
 """The benchmarks' `--first-layer` option (overhead.py, opcount.py, gpu_diag.py): it makes DRLoc heads take one
 first-layer path, or a GPU head's choice, whatever the head would choose here; opcount counts a GPU head's
 choice by default. And benchmarks/first_layer.py, which times the two paths."""
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from conftest import load_benchmark as load
 from timm_drloc import DRLocHead
 from timm_drloc.head import draw_cells
-
-BENCHMARKS = Path(__file__).resolve().parents[1] / 'benchmarks'
-
-
-def load(name: str):
-    sys.path.insert(0, str(BENCHMARKS))  # opcount imports overhead from beside it
-    try:
-        spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f'{name}.py')
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(str(BENCHMARKS))
 
 
 def first_layer_rows(head: DRLocHead, height: int, width: int, num_samples: int) -> int:

@@ -1,23 +1,13 @@
 """benchmarks/overhead.py's paired ratio: the median of per-round step ratios and its distribution-free
 interval, the figure that says what one benchmark run can resolve."""
-import importlib.util
 import math
 import random
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import load_benchmark
 
-
-def load_overhead():
-    spec = importlib.util.spec_from_file_location('overhead', ROOT / 'benchmarks' / 'overhead.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-paired_ratio = load_overhead().paired_ratio
+paired_ratio = load_benchmark('overhead').paired_ratio
 
 
 def test_paired_ratio_is_the_median_of_the_per_round_ratios_not_the_ratio_of_medians():

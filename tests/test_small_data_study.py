@@ -3,28 +3,19 @@ import importlib.util
 import json
 import math
 import os
-from pathlib import Path
 
 import pytest
 import yaml
 
+from conftest import load_benchmark
 from timm_drloc.errors import ConfigError
 from timm_drloc.paired import Pair, Run, RunResult, markdown_report, pair_up, paired_stats, recorded_result
 from timm_drloc.plot import read_experiment
 
-ROOT = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
 T_975_DF2 = 4.302653  # Student's t, 97.5th percentile, 2 degrees of freedom (printed tables: 4.303)
 
-
-def load_study():
-    spec = importlib.util.spec_from_file_location('small_data_study', ROOT / 'benchmarks' / 'small_data_study.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-study = load_study()
+study = load_benchmark('small_data_study')
 
 POOL = {'cat': [f'c{i:02d}.jpg' for i in range(20)], 'dog': [f'd{i:02d}.jpg' for i in range(12)]}
 
