@@ -442,6 +442,9 @@ BAD_INPUT = {
     'num classes disagree with data': (lambda d, t: _vit_args(d, '--num-classes', '2'),
                                        'the data has 3 classes but the model has 2 outputs'),
     'stop epoch out of range': (lambda d, t: _vit_args(d, '--stop-epoch', '5'), '--stop-epoch 5 is out of range'),
+    'repeated augmentation in one process': (lambda d, t: _vit_args(d, '--drloc-lambda', '0.5', '--aug-repeats', '3'),
+                                             '--aug-repeats 3 shares repeats of each image among the processes of a '
+                                             'distributed run, and this run is one process; launch it with torchrun'),
     'per-class weights for other classes': (lambda d, t: _vit_args(d, '--task', 'multilabel', '--num-classes', '3',
                                                                    '--loss-class-weight', '1,2'),
                                             '--loss-class-weight 1,2 has 2 entries but the model has 3 classes'),
@@ -647,6 +650,8 @@ def _main_before_the_model(monkeypatch, *argv):
     (['--std', '0.2', '0', '0.2'], '--std divides each channel, so every value must be a finite number > 0'),
     (['--img-size', '0'], '--img-size must be >= 1 (input size in pixels), got 0'),
     (['--start-epoch', '-1'], '--start-epoch must be >= 0'),
+    (['--aug-repeats', '-1'], '--aug-repeats must be a finite number >= 0 (times each image is repeated across the '
+                              'processes), got -1.0'),
     (['--mixup', '0.8', '-b', '7'], 'mixup / cutmix mix each image of a batch with another one, so batch sizes must '
                                     'be even, got 7; use 8'),
     (['--cutmix', '1.0', '-b', '8', '--train-img-sizes', '32', '64', '--train-batch-sizes', '8', '5'],
@@ -654,10 +659,45 @@ def _main_before_the_model(monkeypatch, *argv):
 ])
 def test_timm_number_flags_out_of_range_exit_2_before_the_model_is_built(monkeypatch, tmp_path, capsys, argv,
                                                                         message):
+    _assert_refused_before_the_model(monkeypatch, tmp_path, capsys, argv, message)
+
+
+def _assert_refused_before_the_model(monkeypatch, tmp_path, capsys, argv, message):
+    """These flags exit 2 with `message` on stderr, before a model is built."""
     with pytest.raises(SystemExit) as exc:
         _main_before_the_model(monkeypatch, '--data-dir', str(tmp_path), *argv)
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['--naflex-loader', '--train-img-sizes', '32', '64'],
+     '--naflex-loader and --train-img-sizes are two different loaders; choose one'),
+    (['--naflex-loader', '--use-multi-epochs-loader'], '--use-multi-epochs-loader does not work with --naflex-loader'),
+    (['--naflex-loader', '--aug-splits', '2'], '--aug-splits does not work with --naflex-loader'),
+    (['--naflex-loader', '--aug-repeats', '3'], '--aug-repeats does not work with --naflex-loader'),
+    (['--naflex-loader', '--naflex-patch-sizes', '8', '16', '--naflex-patch-size-probs', '1'],
+     '--naflex-patch-size-probs needs one value per --naflex-patch-sizes entry'),
+    (['--resume', 'auto'], '--resume auto continues in place in the experiment folder: give it with --experiment'),
+    (['--aug-splits', '1'], '--aug-splits 1 makes no split; use 0 (off) or 2 and more'),
+    (['--split-bn'], '--split-bn needs --aug-splits 2 or more'),
+    (['--mixup', '0.8', '--aug-splits', '2'], 'mixup/cutmix with --aug-splits needs --no-prefetcher'),
+    (['--torchscript', '--sync-bn'], '--torchscript cannot script SyncBatchNorm; drop --sync-bn'),
+    (['--model-dtype', 'float64'], '--model-dtype float64 is not float32, float16 or bfloat16'),
+    (['--amp', '--amp-dtype', 'float32'], '--amp-dtype float32 is not float16 or bfloat16'),
+    (['--amp', '--model-dtype', 'bfloat16'], '--amp needs a float32 model, got --model-dtype bfloat16'),
+    (['--log-wandb', '--wandb-resume-id', 'abc'], '--wandb-resume-id continues a wandb run, which needs --resume'),
+])
+def test_timm_flags_that_cannot_work_together_exit_2_before_the_model_is_built(monkeypatch, tmp_path, capsys, argv,
+                                                                               message):
+    _assert_refused_before_the_model(monkeypatch, tmp_path, capsys, argv, message)
+
+
+def test_repeated_augmentation_passes_the_checks_in_a_distributed_environment(monkeypatch, tmp_path, image_folder):
+    monkeypatch.setenv('WORLD_SIZE', '2')  # as torchrun sets it; the check reads no process group
+    args, _ = train._parse_args(['--data-dir', str(image_folder), '--aug-repeats', '3', '--output', str(tmp_path),
+                                 '--device', 'cpu'], None)
+    assert train.check_inputs(args) == (str(image_folder / 'train'), str(image_folder / 'validation'))
 
 
 def test_output_that_is_a_file_is_refused_before_the_model_is_built(monkeypatch, tmp_path, image_folder):

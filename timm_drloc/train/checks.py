@@ -78,6 +78,9 @@ def _check_numbers(args: argparse.Namespace) -> None:
     if args.max_nonfinite_steps < 1:
         raise ConfigError(f'--max-nonfinite-steps must be >= 1, got {args.max_nonfinite_steps}; it counts non-finite '
                           f'steps in a row that stop the run (default 10)')
+    if not (math.isfinite(args.aug_repeats) and args.aug_repeats >= 0):
+        raise ConfigError(f'--aug-repeats must be a finite number >= 0 (times each image is repeated across the '
+                          f'processes), got {args.aug_repeats}; timm recipes use 3, 0 turns it off')
     if args.input_size is not None and min(args.input_size) < 1:
         raise ConfigError(f'--input-size takes C H W, each >= 1, got {args.input_size}')
     if args.stop_epoch is not None and args.stop_epoch < 1:
@@ -129,6 +132,7 @@ def _check_combinations(args: argparse.Namespace) -> None:
         (naflex and args.use_multi_epochs_loader,
          '--use-multi-epochs-loader does not work with --naflex-loader; drop one of them'),
         (naflex and splits > 1, '--aug-splits does not work with --naflex-loader; drop one of them'),
+        (naflex and args.aug_repeats > 0, '--aug-repeats does not work with --naflex-loader; drop one of them'),
         (naflex and args.naflex_patch_sizes and args.naflex_patch_size_probs and
          len(args.naflex_patch_size_probs) != len(args.naflex_patch_sizes),
          '--naflex-patch-size-probs needs one value per --naflex-patch-sizes entry'),
@@ -184,6 +188,10 @@ def check_inputs(args: argparse.Namespace) -> Tuple[Optional[str], Optional[str]
         importlib.import_module(module)
     if args.device.startswith('cuda') and not torch.cuda.is_available():
         raise ConfigError(f'--device {args.device} but no CUDA device is available; pass --device cpu')
+    if args.aug_repeats > 0 and not utils.is_distributed_env():
+        raise ConfigError(f'--aug-repeats {args.aug_repeats:g} shares repeats of each image among the processes of a '
+                          f'distributed run, and this run is one process; launch it with torchrun --nproc_per_node N '
+                          f'(N >= 2), or drop --aug-repeats')
     return _check_data_dir(args)
 
 
