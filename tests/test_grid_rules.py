@@ -158,6 +158,16 @@ def test_a_model_without_feature_info_or_with_one_stride_is_refused_with_the_fix
                                 "grid).")
 
 
+
+def test_multiscale_on_a_model_with_one_stage_past_its_stride_2_features_names_the_layers_to_read_instead():
+    info = Info([dict(module='layers.0', reduction=2), dict(module='layers.1', reduction=4)])  # Swin, patch size 2
+    with pytest.raises(SingleScaleError) as error:
+        feature_modules(info, multiscale=True)
+    assert str(error.value) == (
+        "multiscale=True reads one grid per stage at stride 4 or more (it takes stride-2 features for a stem), and "
+        "Info has features at strides [2, 4], so one stage at most. Use multiscale=False (one head on the last grid), "
+        "or name each grid to read, one head each: layers=['layers.0', 'layers.1'].")
+
 class Built(nn.Module):
     def __init__(self, conv_in: int = 0, **attributes):
         super().__init__()

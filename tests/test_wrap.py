@@ -150,6 +150,20 @@ def test_multiscale_on_single_scale_vit_is_refused():
     assert f'VisionTransformer has features at stride(s) {strides} only' in str(error.value)
 
 
+
+def test_multiscale_on_a_two_stage_swin_with_patch_size_2_is_refused_and_the_named_layers_train_a_head_each():
+    model, x = make('swin', img_size=32, patch_size=2, depths=(1, 1), num_heads=(1, 1), embed_dim=16)
+    with pytest.raises(ValueError) as error:
+        wrap(model, multiscale=True)
+    assert "features at strides [2, 4], so one stage at most" in str(error.value)
+    named = str(error.value).split('layers=')[1].rstrip('.')
+    assert named == "['layers.0', 'layers.1']"
+    drloc = wrap(model, layers=['layers.0', 'layers.1'], hidden_dim=16, input_size=(3, 32, 32))
+    assert [s.grid_size for s in drloc.sources] == [(16, 16), (8, 8)]
+    _, drloc_loss = drloc(x[..., :32, :32])
+    drloc_loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in drloc.heads.parameters())
+
 def test_non_square_input_gives_non_square_grid():
     model = timm.create_model('resnet18', num_classes=3)
     drloc = wrap(model, input_size=(3, 224, 160), hidden_dim=16)

@@ -254,11 +254,21 @@ def feature_modules(model: nn.Module, multiscale: bool) -> List[Dict]:
         if e.get('reduction', 0) >= 4:
             by_stride[e['reduction']] = e
     if len(by_stride) < 2:
-        raise SingleScaleError(
-            f"multiscale=True needs a hierarchical model with stages at several strides, but "
-            f"{type(model).__name__} has features at stride(s) {sorted({e.get('reduction') for e in entries})} only. "
-            f"Use multiscale=False (one head on the last grid).")
+        raise SingleScaleError(_single_scale_message(type(model).__name__, entries))
     return [by_stride[r] for r in sorted(by_stride)]
+
+
+def _single_scale_message(model_name: str, entries: List[Dict]) -> str:
+    """Why multiscale found fewer than two stages, and the fix: one head, or the grids named with `layers=`."""
+    strides = sorted({e['reduction'] for e in entries if 'reduction' in e})
+    if len(strides) < 2:
+        return (f"multiscale=True needs a hierarchical model with stages at several strides, but {model_name} has "
+                f"features at stride(s) {strides} only. Use multiscale=False (one head on the last grid).")
+    last_per_stride = {e['reduction']: e['module'] for e in entries if 'reduction' in e}
+    modules = [last_per_stride[r] for r in strides]
+    return (f"multiscale=True reads one grid per stage at stride 4 or more (it takes stride-2 features for a stem), "
+            f"and {model_name} has features at strides {strides}, so one stage at most. Use multiscale=False (one "
+            f"head on the last grid), or name each grid to read, one head each: layers={modules}.")
 
 
 def resolve_module(model: nn.Module, name: str) -> nn.Module:

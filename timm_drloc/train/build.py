@@ -253,7 +253,7 @@ def _distillation_task(args: argparse.Namespace, model: nn.Module, criterion: nn
 # what the command line does instead of the API fix each grid error names
 _GRID_FIXES = (
     (ProbeError, 'models with a fixed input size need it at creation, e.g. --model-kwargs img_size={size}'),
-    (SingleScaleError, 'drop --drloc-multiscale'),
+    (SingleScaleError, 'drop --drloc-multiscale, or name the grids with --drloc-layers PATH [PATH ...] instead'),
     (GridTooSmallError, 'a larger --img-size with --model-kwargs img_size=..., or --drloc-layers'),
     (GridError, '--drloc-layers PATH [PATH ...]'),  # GridNotFoundError, and any other
 )
