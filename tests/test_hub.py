@@ -212,6 +212,14 @@ def test_checkpoint_rebuilds_at_its_training_size_with_same_logits(tmp_path, mod
     assert timm.data.resolve_data_config({}, model=model)['input_size'] == (3, size, size)
 
 
+def test_export_with_model_kwargs_naming_the_class_count_builds_that_model(run, tmp_path):
+    out = hub.export(run.dir / 'last.pth.tar', tmp_path / 'export', model_kwargs={'num_classes': len(CLASSES)})
+    model = timm.create_model(f'local-dir:{out}', pretrained=True).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(run.x), run.model(run.x))
+    with pytest.raises(ValueError, match='size mismatch for head.weight'):  # the weights name 3 classes, not 5
+        hub.export(run.dir / 'last.pth.tar', tmp_path / 'export5', model_kwargs={'num_classes': 5})
+
 def test_export_into_non_empty_folder_needs_overwrite(run, tmp_path):
     out = tmp_path / 'export'
     out.mkdir()

@@ -687,6 +687,11 @@ def _assert_refused_before_the_model(monkeypatch, tmp_path, capsys, argv, messag
     (['--amp', '--amp-dtype', 'float32'], '--amp-dtype float32 is not float16 or bfloat16'),
     (['--amp', '--model-dtype', 'bfloat16'], '--amp needs a float32 model, got --model-dtype bfloat16'),
     (['--log-wandb', '--wandb-resume-id', 'abc'], '--wandb-resume-id continues a wandb run, which needs --resume'),
+    (['--model-kwargs', 'depth=2', 'global_pool=avg'], '--model-kwargs global_pool=avg sets what --gp sets (the run '
+                                                       'passes global_pool to create_model from --gp); drop it from '
+                                                       '--model-kwargs and use --gp'),
+    (['--model-kwargs', 'drop_path_rate=0.1'], '--model-kwargs drop_path_rate=0.1 sets what --drop-path sets'),
+    (['--model-kwargs', 'num_classes=3'], 'drop it from --model-kwargs and use --num-classes'),
 ])
 def test_timm_flags_that_cannot_work_together_exit_2_before_the_model_is_built(monkeypatch, tmp_path, capsys, argv,
                                                                                message):

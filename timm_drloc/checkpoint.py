@@ -189,7 +189,8 @@ def checkpoint_model(
     if num_classes is None:
         num_classes = args.get('num_classes') or classifier_size(model_name, state_dict)
     kwargs = dict(args.get('model_kwargs') or {}, **(model_kwargs or {}))
-    create_args = create_model_args(model_name, args, num_classes=num_classes, global_pool=args.get('gp'), **kwargs)
+    flags = dict(num_classes=num_classes, global_pool=args.get('gp'))
+    create_args = create_model_args(model_name, args, **{**flags, **kwargs})  # model_kwargs named them: they win
     return _load_weights(create_args, kwargs, state_dict, path), args, checkpoint
 
 

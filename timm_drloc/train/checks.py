@@ -41,6 +41,7 @@ def check_flags(args: argparse.Namespace) -> None:
     _check_numbers(args)
     _check_loss(args)
     _check_combinations(args)
+    _check_model_kwargs(args)
     args.eval_metric = eval_metric(args)  # args.yaml names it: timm's train.py, given it with -c, needs a name
     _warn_ignored(args)
 
@@ -155,6 +156,24 @@ def _check_combinations(args: argparse.Namespace) -> None:
     for wrong, message in refused:
         if wrong:
             raise ConfigError(message)
+
+
+# create_model keywords that the run sets from flags of their own (build_model): a --model-kwargs entry repeating one
+# would reach create_model twice (timm's train.py fails there with a TypeError)
+_MODEL_FLAG_KEYWORDS = {
+    'num_classes': '--num-classes', 'global_pool': '--gp', 'drop_rate': '--drop', 'drop_path_rate': '--drop-path',
+    'drop_block_rate': '--drop-block', 'bn_momentum': '--bn-momentum', 'bn_eps': '--bn-eps',
+    'pretrained': '--pretrained', 'scriptable': '--torchscript', 'pretrained_cfg_overlay': '--pretrained-cfg-overlay',
+}
+
+
+def _check_model_kwargs(args: argparse.Namespace) -> None:
+    """--model-kwargs may not set what a model flag sets."""
+    for key, value in args.model_kwargs.items():
+        if key in _MODEL_FLAG_KEYWORDS:
+            flag = _MODEL_FLAG_KEYWORDS[key]
+            raise ConfigError(f'--model-kwargs {key}={value} sets what {flag} sets (the run passes {key} to '
+                              f'create_model from {flag}); drop it from --model-kwargs and use {flag}')
 
 
 def _warn_ignored(args: argparse.Namespace) -> None:
