@@ -337,6 +337,17 @@ def test_repeated_feature_info_names_use_the_last_stage():
     assert logits.shape == (2, 3) and loss > 0
 
 
+def test_grids_read_through_forward_intermediates_leave_no_hooks_on_the_model():
+    model = timm.create_model('hiera_tiny_224', num_classes=3, img_size=(64, 64), embed_dim=16, num_heads=1,
+                              stages=(1, 1, 1, 1))
+    drloc = wrap(model, multiscale=True, hidden_dim=8, input_size=(3, 64, 64))
+    assert drloc.route == 'intermediates'
+    assert [s.grid_size for s in drloc.sources] == [(16, 16), (8, 8), (4, 4), (2, 2)]
+    assert sum(len(m._forward_hooks) for m in model.modules()) == 0  # nothing captures (and keeps) block outputs
+    _, loss = drloc(torch.randn(2, 3, 64, 64))
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in drloc.heads.parameters())
+
 @pytest.mark.slow
 def test_hiera_multiscale_grids_are_in_row_major_order():
     model = timm.create_model('hiera_tiny_224', num_classes=3).eval()
