@@ -378,8 +378,6 @@ def test_criterion_follows_task_and_loss_flags(monkeypatch):
     (['--task', 'multilabel', '--loss', 'twoway', '--mixup', '0.5'], 'does not support Mixup'),
     (['--task', 'multilabel', '--loss-pos-weight', 'neg_pos'], 'requires class stats'),
     (['--task', 'multilabel', '--kd-model-name', 'resnet18'], 'cannot be combined with --task multilabel'),
-    (['--task', 'multilabel', '--eval-metric', 'top1'],
-     '--eval-metric top1 is not reported by multilabel evaluation; use one of loss, map'),
 ])
 def test_bad_task_and_loss_flags_exit_at_parse_time(monkeypatch, capsys, argv, message):
     with pytest.raises(SystemExit) as exc:
@@ -442,6 +440,9 @@ BAD_INPUT = {
     'num classes disagree with data': (lambda d, t: _vit_args(d, '--num-classes', '2'),
                                        'the data has 3 classes but the model has 2 outputs'),
     'stop epoch out of range': (lambda d, t: _vit_args(d, '--stop-epoch', '5'), '--stop-epoch 5 is out of range'),
+    'eval metric the task does not report': (lambda d, t: _vit_args(d, '--task', 'multilabel', '--eval-metric', 'top1'),
+                                             '--eval-metric top1 is not reported by multilabel evaluation; use one of '
+                                             'loss, map'),
     'repeated augmentation in one process': (lambda d, t: _vit_args(d, '--drloc-lambda', '0.5', '--aug-repeats', '3'),
                                              '--aug-repeats 3 shares repeats of each image among the processes of a '
                                              'distributed run, and this run is one process; launch it with torchrun'),

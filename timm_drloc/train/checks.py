@@ -4,7 +4,8 @@
   completes them as timm 1.0.31 does (the old loss switches folded into --loss, the eval metric named), so
   args.yaml records what the run does;
 * `check_inputs(args)`: what the flags point at (the output folder, checkpoint files, the Hub token, the
-  device, the data's split folders), before the process starts its device.
+  device, the data's split folders), before the process starts its device; also the --eval-metric against the
+  task's evaluator, which timm 1.0.31 refuses there too (main() raises, the argument parser does not).
 
 Both raise ConfigError naming the flag, the value and the fix. What needs the model or the data to be known
 (a model without a grid, data with other classes) is refused while building, still before any training step.
@@ -42,18 +43,22 @@ def check_flags(args: argparse.Namespace) -> None:
     _check_loss(args)
     _check_combinations(args)
     _check_model_kwargs(args)
-    args.eval_metric = eval_metric(args)  # args.yaml names it: timm's train.py, given it with -c, needs a name
+    # args.yaml names the metric: timm's train.py, given that file with -c, needs a name (checked in check_inputs)
+    args.eval_metric = args.eval_metric or _evaluator(args).default_metric
     _warn_ignored(args)
 
 
-def eval_metric(args: argparse.Namespace) -> str:
-    """--eval-metric, or the default metric of the task's evaluator (top1; map with --task multilabel)."""
-    evaluator_cls = MultiLabelClassificationEvaluator if args.task == 'multilabel' else ClassificationEvaluator
-    metric = args.eval_metric or evaluator_cls.default_metric
-    if metric not in evaluator_cls.metric_names:
-        raise ConfigError(f'--eval-metric {metric} is not reported by {args.task} evaluation; use one of '
-                          f'{", ".join(evaluator_cls.metric_names)}')
-    return metric
+def _evaluator(args: argparse.Namespace) -> type:
+    """The evaluator class of the run's task: the metrics it reports and its default one (top1; map)."""
+    return MultiLabelClassificationEvaluator if args.task == 'multilabel' else ClassificationEvaluator
+
+
+def _check_eval_metric(args: argparse.Namespace) -> None:
+    """--eval-metric must be one the task's evaluation reports: checkpoints are ranked by it."""
+    names = _evaluator(args).metric_names
+    if args.eval_metric not in names:
+        raise ConfigError(f'--eval-metric {args.eval_metric} is not reported by {args.task} evaluation; use one of '
+                          f'{", ".join(names)}')
 
 
 def _check_numbers(args: argparse.Namespace) -> None:
@@ -196,6 +201,7 @@ def check_inputs(args: argparse.Namespace) -> Tuple[Optional[str], Optional[str]
     Raises:
         ConfigError: naming the flag, what was found and what to give instead.
     """
+    _check_eval_metric(args)
     _check_output(args)
     if args.resume and args.resume != 'auto':
         check_checkpoint_file('--resume', args.resume)
