@@ -188,6 +188,7 @@ def _patch_embed(img_size) -> nn.Module:
     (Built(conv_in=4, in_chans=None, img_size=[24, 40]), (4, 24, 40)),
     (Built(conv_in=4, patch_embed=_patch_embed(48), img_size=64), (4, 48, 48)),  # the patch embedding's first
     (Built(conv_in=4, img_size=(1, 24, 40)), (4, 224, 224)),  # not an (H, W)
+    (Built(conv_in=3, stem=_patch_embed((32, 48))), (3, 32, 48)),  # an input embedding under another name
     (Built(pretrained_cfg={'input_size': (1, 160, 192)}), (1, 160, 192)),
     (Built(conv_in=2, pretrained_cfg={'input_size': (1, 160, 192)}), (2, 160, 192)),
     (Built(), (3, 224, 224)),

@@ -376,6 +376,9 @@ BUILT_FOR = {
     'convnext_4ch': (lambda: timm.create_model('convnext_atto', in_chans=4, num_classes=4), {}, (4, 224, 224),
                      (2, 4, 64, 64)),
     'user_cnn_1ch': (lambda: TinyCNN(in_chans=1), dict(layers=['features']), (1, 224, 224), (2, 1, 32, 32)),
+    # a fixed-size model whose input embedding is not called patch_embed: MLP-Mixer's stem records the size
+    'mixer_built_at_64': (lambda: timm.models.MlpMixer(img_size=64, patch_size=16, num_blocks=2, embed_dim=32,
+                                                       num_classes=4), {}, (3, 64, 64), (2, 3, 64, 64)),
 }
 
 

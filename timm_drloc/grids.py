@@ -203,8 +203,8 @@ def default_input_size(model: nn.Module) -> Tuple[int, int, int]:
     """The (C, H, W) input a model was built for, as the model itself records it.
 
     Channels: timm's `in_chans` attribute, else the in_channels of the first convolution (a CNN's stem, a
-    ViT's patch projection), else the pretrained_cfg's, else 3. Size: `patch_embed.img_size` or `img_size`
-    where the model fixes it at creation, else the pretrained_cfg's, else 224 x 224.
+    ViT's patch projection), else the pretrained_cfg's, else 3. Size: the `img_size` the model or its input
+    embedding records where the model fixes it at creation, else the pretrained_cfg's, else 224 x 224.
     """
     cfg = getattr(model, 'pretrained_cfg', None) or {}
     cfg_size = tuple(cfg.get('input_size') or (3, 224, 224))
@@ -221,8 +221,10 @@ def _input_channels(model: nn.Module, default: int) -> int:
 
 
 def _input_hw(model: nn.Module, default: Sequence[int]) -> Tuple[int, int]:
-    """(H, W) the model was built for: its patch embedding's or its own `img_size`, else `default`."""
-    for owner in (getattr(model, 'patch_embed', None), model):
+    """(H, W) the model was built for: the `img_size` of its patch embedding, or its own, or that of the first of
+    its modules that records one (the input embedding under another name: MLP-Mixer's `stem`, TNT's
+    `pixel_embed`, CoaT's `patch_embed1`, Twins' `patch_embeds.0`), else `default`."""
+    for owner in (getattr(model, 'patch_embed', None), *model.modules()):
         img_size = getattr(owner, 'img_size', None)
         if isinstance(img_size, int):
             return img_size, img_size
