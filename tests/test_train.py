@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.utils import load_checkpoint_metadata
 
 import timm_drloc.train as train
@@ -87,6 +88,20 @@ def test_drloc_run_writes_timm_outputs_and_a_plain_timm_checkpoint(monkeypatch, 
     assert not result['drloc_imported']
     assert result['top1'] == pytest.approx(float(rows[-1]['eval_top1']))
 
+
+def test_a_grayscale_run_exports_the_one_channel_normalization_it_trained_with(monkeypatch, tmp_path, image_folder):
+    import timm
+    from timm_drloc import hub
+    _run(monkeypatch, _argv(image_folder, tmp_path, 'gray', '--epochs', '1', '--drloc-lambda', '0.5', '--in-chans', '1',
+                            '--input-img-mode', 'L', model='resnet10t', model_kwargs=[], img_size=64))
+    out = hub.export(tmp_path / 'gray' / 'last.pth.tar', tmp_path / 'export')
+    model = timm.create_model(f'local-dir:{out}', pretrained=True)
+    config = timm.data.resolve_data_config({}, model=model)
+    assert config['input_size'] == (1, 64, 64)
+    # timm's loader normalizes one channel with the average of the pretrained config's 3-value mean / std: so must
+    # the export, where plain timm reads them
+    assert config['mean'] == pytest.approx([sum(IMAGENET_DEFAULT_MEAN) / 3])
+    assert config['std'] == pytest.approx([sum(IMAGENET_DEFAULT_STD) / 3])
 
 def test_plain_run_without_drloc_has_timm_columns_and_no_task_state(monkeypatch, tmp_path, image_folder):
     pushed = {}

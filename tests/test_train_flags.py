@@ -440,6 +440,11 @@ BAD_INPUT = {
     'num classes disagree with data': (lambda d, t: _vit_args(d, '--num-classes', '2'),
                                        'the data has 3 classes but the model has 2 outputs'),
     'stop epoch out of range': (lambda d, t: _vit_args(d, '--stop-epoch', '5'), '--stop-epoch 5 is out of range'),
+    'mean for other input channels': (lambda d, t: _vit_args(d, '--in-chans', '1', '--mean', '0.2', '0.4', '0.6'),
+                                      '--mean has 3 values but the model takes 1 input channel(s); give one value '
+                                      'per channel (1), or one value for all of them'),
+    'std for other input channels': (lambda d, t: _vit_args(d, '--std', '0.2', '0.3'),
+                                     '--std has 2 values but the model takes 3 input channel(s)'),
     'eval metric the task does not report': (lambda d, t: _vit_args(d, '--task', 'multilabel', '--eval-metric', 'top1'),
                                              '--eval-metric top1 is not reported by multilabel evaluation; use one of '
                                              'loss, map'),

@@ -55,10 +55,16 @@ DATA_CONFIG_KEYS = ('input_size', 'img_size', 'mean', 'std', 'crop_pct', 'crop_m
 
 def training_data_config(model: nn.Module, args: Dict[str, Any]) -> Dict[str, Any]:
     """The preprocessing a run trained with (input_size, mean, std, crop_pct, interpolation, crop_mode),
-    resolved from its saved arguments and the model the way timm's train.py resolves it."""
+    resolved from its saved arguments and the model the way timm's train.py resolves it, with mean and std
+    fitted to the input channels as timm's loader fits them (a 3-value mean on a 1-channel model: their mean)."""
     from timm.data import resolve_data_config
+    from timm.data.loader import adapt_to_chs
     keys = ('input_size', 'img_size', 'in_chans', 'mean', 'std', 'crop_pct', 'interpolation', 'crop_mode')
-    return resolve_data_config({k: args[k] for k in keys if args.get(k) is not None}, model=model)
+    config = resolve_data_config({k: args[k] for k in keys if args.get(k) is not None}, model=model)
+    channels = config['input_size'][0]
+    for key in ('mean', 'std'):
+        config[key] = tuple(adapt_to_chs(config[key], channels))
+    return config
 
 
 def _summary_rows(folder: Path) -> List[Dict[str, str]]:

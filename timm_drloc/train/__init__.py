@@ -41,7 +41,7 @@ from .build import (
     train_loss, warn_unreached_lambda)
 from .checkpoints import (
     AtomicCheckpointSaver, ResumePoint, experiment_dir, find_resume_point, load_resume_point, open_run_folder)
-from .checks import check_flags, check_inputs, log_split_folders
+from .checks import check_flags, check_inputs, check_normalization, log_split_folders
 from .flags import build_config_parser, build_parser, load_config
 from .loop import TrainingRun, train_epochs, train_one_epoch, validate
 from .publish import push_after_training
@@ -99,6 +99,7 @@ def _build_run(args: argparse.Namespace, args_text: str,
                device: torch.device) -> Tuple[TrainingRun, Dict[str, Any], Optional[List[str]]]:
     """The TrainingRun of the flags, the data config the model resolved, and the class names of the data."""
     model = build_model(args, create_model)  # this package's create_model, as it is when main() runs
+    check_normalization(args, resolve_data_config(dict(vars(args), mean=None, std=None), model=model)['input_size'])
     data_config = resolve_data_config(vars(args), model=model, verbose=utils.is_primary(args))
     precision = step_precision(args, device)
     model, patch_size = place_model(args, model, device, precision.model_dtype)

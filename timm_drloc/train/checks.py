@@ -15,7 +15,7 @@ import importlib
 import logging
 import math
 import os
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 from timm import utils
@@ -250,6 +250,20 @@ def _check_data_dir(args: argparse.Namespace) -> Tuple[Optional[str], Optional[s
     if not os.path.isdir(args.data_dir):
         return None, None  # a .tar of images: no split folders
     return split_folders(args)
+
+
+def check_normalization(args: argparse.Namespace, input_size: Sequence[int]) -> None:
+    """--mean / --std must give one value per input channel of the model, or one for all (timm's data config
+    asserts it without a word).
+
+    Args:
+        input_size: (C, H, W) the model takes.
+    """
+    channels = input_size[0]
+    for flag, values in (('--mean', args.mean), ('--std', args.std)):
+        if values is not None and len(values) not in (1, channels):
+            raise ConfigError(f'{flag} has {len(values)} values but the model takes {channels} input channel(s); '
+                              f'give one value per channel ({channels}), or one value for all of them')
 
 
 def log_split_folders(args: argparse.Namespace, folders: Tuple[Optional[str], Optional[str]]) -> None:
