@@ -445,6 +445,15 @@ BAD_INPUT = {
                                       'per channel (1), or one value for all of them'),
     'std for other input channels': (lambda d, t: _vit_args(d, '--std', '0.2', '0.3'),
                                      '--std has 2 values but the model takes 3 input channel(s)'),
+    'image mode with other channels than the model': (lambda d, t: _vit_args(d, '--input-img-mode', 'L'),
+                                                      '--input-img-mode L reads images with 1 channel(s), but the '
+                                                      'model takes 3; pass --input-img-mode RGB'),
+    "timm's default image mode for a 4-channel model": (lambda d, t: _vit_args(d, '--in-chans', '4'),
+                                                        "timm's default mode for a 4-channel model, L, reads images "
+                                                        "with 1 channel(s), but the model takes 4; pass "
+                                                        "--input-img-mode RGBA"),
+    'unknown image mode': (lambda d, t: _vit_args(d, '--input-img-mode', 'XYZ'),
+                           '--input-img-mode XYZ is not a PIL image mode'),
     'eval metric the task does not report': (lambda d, t: _vit_args(d, '--task', 'multilabel', '--eval-metric', 'top1'),
                                              '--eval-metric top1 is not reported by multilabel evaluation; use one of '
                                              'loss, map'),

@@ -14,6 +14,7 @@ from typing import Any, Callable, ContextManager, Dict, Optional, Sequence, Tupl
 
 import torch
 import torch.nn as nn
+from PIL import ImageMode
 from timm import utils
 from timm.data import AugMixDataset, FastCollateMixup, Mixup, MultiLabelTarget, create_dataset, create_loader
 from timm.layers import convert_splitbn_model, convert_sync_batchnorm, set_fast_norm
@@ -303,12 +304,29 @@ def split_folders(args: argparse.Namespace) -> Tuple[str, Optional[str]]:
     return train_dir, val_dir
 
 
+def _image_mode(args: argparse.Namespace, input_channels: int) -> str:
+    """The PIL mode images are read in: --input-img-mode, else timm's choice (RGB for 3 channels, else L). Its
+    channels must be the model's (an RGB image in a 4-channel model's batch fails mid-epoch in the loader)."""
+    mode = args.input_img_mode or ('RGB' if input_channels == 3 else 'L')
+    try:
+        channels = len(ImageMode.getmode(mode).bands)
+    except KeyError:
+        raise ConfigError(f'--input-img-mode {mode} is not a PIL image mode; use L, RGB or RGBA, for example') from None
+    if channels != input_channels:
+        read = (f'--input-img-mode {mode} reads' if args.input_img_mode else
+                f"timm's default mode for a {input_channels}-channel model, {mode}, reads")
+        fit = {1: 'L', 3: 'RGB', 4: 'RGBA'}.get(input_channels, f'a mode with {input_channels} channels')
+        raise ConfigError(f'{read} images with {channels} channel(s), but the model takes {input_channels}; pass '
+                          f'--input-img-mode {fit}')
+    return mode
+
+
 def build_datasets(args: argparse.Namespace, input_channels: int):
     """The train and eval datasets (eval is None without --val-split); folder datasets name the images they skip,
     and must hold the same classes in both splits and at least two."""
     if is_folder_dataset(args) and not args.data_dir:
         raise ConfigError('no dataset given: pass the dataset root folder as --data-dir DIR (or positionally)')
-    image_mode = args.input_img_mode or ('RGB' if input_channels == 3 else 'L')
+    image_mode = _image_mode(args, input_channels)
     common = dict(root=args.data_dir, class_map=args.class_map, download=args.dataset_download,
                   batch_size=args.batch_size, input_img_mode=image_mode, input_key=args.input_key,
                   target_key=args.target_key, target_format=args.target_format,
