@@ -8,7 +8,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from timm_drloc.demo import main as demo_main, write_digits
+from timm_drloc.demo import MODEL_KWARGS, main as demo_main, parse_args, write_digits
 from timm_drloc.plot import read_experiment
 
 DIGITS = [str(d) for d in range(10)]
@@ -81,3 +81,19 @@ def test_demo_trains_baseline_and_drloc_and_writes_table_and_curves(tmp_path):
         assert args['model_kwargs']['img_size'] == 16 and args['seed'] == 0
     assert drloc['train_drloc_loss'][0] > 0
     assert baseline.get('drloc_lambda', [0.0]) == [0.0]
+
+
+def test_demo_model_kwargs_default_to_the_default_vits_and_another_model_gets_none():
+    args, _ = parse_args(['--img-size', '24'])
+    assert args.model_kwargs == ['img_size=24', *MODEL_KWARGS]
+    args, _ = parse_args(['--model', 'resnet10t', '--img-size', '64'])  # ViT keywords would fail in a ResNet
+    assert args.model_kwargs == []
+    args, _ = parse_args(['--model', 'resnet10t', '--model-kwargs', 'stem_width=16'])
+    assert args.model_kwargs == ['stem_width=16']
+
+
+def test_demo_refuses_fewer_than_one_job_at_a_time(capsys):
+    with pytest.raises(SystemExit) as exc:
+        parse_args(['--jobs', '0'])
+    assert exc.value.code == 2
+    assert '--jobs 0: run at least 1 training at a time.' in capsys.readouterr().err

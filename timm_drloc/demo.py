@@ -109,8 +109,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> Tuple[argparse.Namespace
     parser.add_argument('--img-size', type=int, default=32,
                         help="side of the upscaled digit images, and the model's img_size (default 32)")
     parser.add_argument('--model', default=MODEL)
-    parser.add_argument('--model-kwargs', nargs='+', default=list(MODEL_KWARGS), metavar='KEY=VALUE',
-                        help=f'default: {" ".join(MODEL_KWARGS)}; img_size=--img-size unless given here')
+    parser.add_argument('--model-kwargs', nargs='+', default=None, metavar='KEY=VALUE',
+                        help=f'default for the default --model: {" ".join(MODEL_KWARGS)}, and img_size=--img-size '
+                             f'unless given here; none for another --model (train_drloc.py sizes it by --img-size)')
     parser.add_argument('-b', '--batch-size', type=int, default=16)
     parser.add_argument('--lr', type=float, default=2e-3)
     parser.add_argument('--drloc-lambda', type=float, default=0.5,
@@ -121,10 +122,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> Tuple[argparse.Namespace
                         help='trainings at the same time (default: 2 on the CPU, one torch thread each per core; 1 on a GPU)')
     parser.add_argument('--data-only', action='store_true', help='write the ImageFolder and stop')
     args, extra = parser.parse_known_args(argv)
-    if not any(kwarg.startswith('img_size=') for kwarg in args.model_kwargs):
+    if args.model_kwargs is None:
+        args.model_kwargs = list(MODEL_KWARGS) if args.model == MODEL else []
+    if args.model == MODEL and not any(kwarg.startswith('img_size=') for kwarg in args.model_kwargs):
         args.model_kwargs = [f'img_size={args.img_size}', *args.model_kwargs]
     if args.epochs < 1:
         parser.error(f'--epochs {args.epochs}: train at least 1 epoch.')
+    if args.jobs is not None and args.jobs < 1:
+        parser.error(f'--jobs {args.jobs}: run at least 1 training at a time.')
     if args.drloc_lambda <= 0:
         parser.error(f'--drloc-lambda {args.drloc_lambda}: the DRLoc run needs a weight > 0 (the baseline is lambda 0).')
     return args, extra
