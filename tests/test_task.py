@@ -145,6 +145,13 @@ def test_infinite_or_non_numeric_lambda_is_refused_at_construction_and_by_the_se
     assert task.drloc_lambda == 0.5
 
 
+def test_a_criterion_passed_second_as_to_timms_classification_task_is_refused_naming_the_keyword():
+    model = timm.create_model('vit_tiny_patch16_224', img_size=32, depth=1, embed_dim=48, num_heads=2, num_classes=4)
+    with pytest.raises(ValueError) as error:
+        DRLocTask(model, torch.nn.CrossEntropyLoss())
+    assert str(error.value) == ("DRLocTask's second argument is drloc_lambda, got CrossEntropyLoss; pass the loss by "
+                                "name: DRLocTask(model, criterion=..., drloc_lambda=0.5)")
+
 class DictOutputModel(torch.nn.Module):
     """A model whose forward returns a dict, as some detection-style or multi-head models do."""
 

@@ -87,6 +87,9 @@ class DRLocTask(TrainingTask):
             verbose: bool = True,
             **wrap_kwargs: Any,
     ):
+        if callable(drloc_lambda):  # DRLocTask(model, criterion), as timm's ClassificationTask is called
+            raise ConfigError(f"DRLocTask's second argument is drloc_lambda, got {type(drloc_lambda).__name__}; pass "
+                              f"the loss by name: DRLocTask(model, criterion=..., drloc_lambda=0.5)")
         if base_task is not None:
             _check_base_task(base_task, model, criterion, criterion_kwargs)
             device = device if device is not None else base_task.device
