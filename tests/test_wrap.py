@@ -493,7 +493,7 @@ def test_heads_larger_than_the_device_memory_are_refused_before_allocation(setti
     assert f'{name}={value}' in str(exc.value) and 'the reference uses 512 and 64' in str(exc.value)
 
 
-@pytest.mark.parametrize('size', [(32, 32), (1, 3, 32, 32)])
+@pytest.mark.parametrize('size', [(32, 32), (1, 3, 32, 32), 32])  # 32: a side alone
 def test_an_input_size_that_is_not_channels_height_width_is_refused_naming_it(size):
     with pytest.raises(ValueError) as error:
         wrap(TinyCNN(), layers=['features'], input_size=size)

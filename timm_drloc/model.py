@@ -195,9 +195,11 @@ def wrap(
                    multiscale=multiscale, layers=layers, compile_head=compile_head)
     if layout is not None and layout not in LAYOUTS:
         raise ValueError(f"Unknown layout '{layout}'. Use one of {', '.join(LAYOUTS)}.")
-    input_size = tuple(input_size) if input_size is not None else default_input_size(model)
-    if len(input_size) != 3:
+    if input_size is None:
+        input_size = default_input_size(model)
+    if not isinstance(input_size, (tuple, list, torch.Size)) or len(input_size) != 3:
         raise ValueError(f"input_size must be (C, H, W), got {input_size}.")
+    input_size = tuple(input_size)
     sources = probe_grids(model, input_size, multiscale=multiscale, layers=layers, layout=layout)
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device('cpu')
