@@ -598,7 +598,7 @@ def test_full_disk_at_a_save_exits_2_saying_no_space_and_leaves_no_temporary_fil
     with pytest.raises(SystemExit) as exc:
         train.run()
     assert exc.value.code == 2
-    assert f'error: no space left on the device while writing a checkpoint in {exp}' in caplog.text
+    assert f'no space left on the device while writing a checkpoint in {exp}' in caplog.text
     assert not os.path.lexists(exp / 'tmp.pth.tar') and not (exp / 'last.pth.tar').exists()
     assert not list(exp.glob('*tmp*'))
 
@@ -636,9 +636,9 @@ def test_damaged_stretch_met_by_loader_workers_ends_in_one_line_exit_2(tmp_path,
     proc = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / 'train_drloc.py'), *argv],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
-    errors = [line for line in proc.stderr.splitlines() if 'error:' in line]  # the other worker may still warn
+    errors = [line for line in proc.stderr.splitlines() if line.startswith('ERROR: ')]  # the other worker may warn
     assert len(errors) == 1 and errors[0].endswith(
-        'error: images in a row could not be read (each is named in a "Skipped sample" warning above): replace or '
+        'images in a row could not be read (each is named in a "Skipped sample" warning above): replace or '
         'remove the damaged files, then run again (with --resume to continue)')
     assert 'Traceback' not in proc.stderr
     assert f'cannot read image {data / "validation" / "class_1" / "0.png"}' in proc.stderr

@@ -221,11 +221,11 @@ def run(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> Non
     reported as one line and the ExitCode of each as the exit status."""
     try:
         status = main(argv, prog)
-    except ConfigError as e:
-        _logger.error(f'error: {e}')
+    except ConfigError as e:  # one line; the log format puts 'ERROR: ' before it
+        _logger.error(str(e))
         sys.exit(ExitCode.BAD_INPUT)
     except NonFiniteLossError as e:
-        _logger.error(f'error: {e}')
+        _logger.error(str(e))
         sys.exit(ExitCode.NON_FINITE_LOSS)
     except KeyboardInterrupt as e:  # raised with its line by the training loop; bare before or after it
         _logger.error(str(e) or 'interrupted outside the training epochs; the checkpoints already written are intact')
