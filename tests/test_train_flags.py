@@ -454,6 +454,15 @@ BAD_INPUT = {
                                                         "--input-img-mode RGBA"),
     'unknown image mode': (lambda d, t: _vit_args(d, '--input-img-mode', 'XYZ'),
                            '--input-img-mode XYZ is not a PIL image mode'),
+    'a flag the model does not take': (lambda d, t: _vit_args(d, '--drop-block', '0.1'),
+                                       "--model vit_tiny_patch16_224 cannot be built with the arguments given "
+                                       "(VisionTransformer.__init__() got an unexpected keyword argument "
+                                       "'drop_block_rate'); drop that keyword from --model-kwargs, or the flag that "
+                                       "sets it (--gp sets global_pool, --drop-path sets drop_path_rate, --drop-block "
+                                       "sets drop_block_rate, --bn-momentum sets bn_momentum, --bn-eps sets bn_eps)"),
+    'a model keyword the model does not take': (lambda d, t: _vit_args(d, model_kwargs=(
+        'img_size=32', 'patch_size=8', 'depth=1', 'embed_dim=32', 'num_heads=2', 'window_size=4')),
+        "got an unexpected keyword argument 'window_size'); drop that keyword from --model-kwargs"),
     'eval metric the task does not report': (lambda d, t: _vit_args(d, '--task', 'multilabel', '--eval-metric', 'top1'),
                                              '--eval-metric top1 is not reported by multilabel evaluation; use one of '
                                              'loss, map'),

@@ -62,6 +62,16 @@ def init_device(args: argparse.Namespace) -> torch.device:
 # ---------------------------------------------------------------------------------------------------------
 # the model, and how a step computes
 
+# create_model keywords that the run sets from flags of its own, and those flags (build_model)
+MODEL_FLAG_KEYWORDS = {
+    'num_classes': '--num-classes', 'global_pool': '--gp', 'drop_rate': '--drop', 'drop_path_rate': '--drop-path',
+    'drop_block_rate': '--drop-block', 'bn_momentum': '--bn-momentum', 'bn_eps': '--bn-eps',
+    'pretrained': '--pretrained', 'scriptable': '--torchscript', 'pretrained_cfg_overlay': '--pretrained-cfg-overlay',
+}
+# those that only reach create_model when given, and that not every model takes
+_OPTIONAL_MODEL_KEYWORDS = ('global_pool', 'drop_path_rate', 'drop_block_rate', 'bn_momentum', 'bn_eps')
+
+
 def build_model(args: argparse.Namespace, create_model: Callable[..., nn.Module]) -> nn.Module:
     """The timm model of the model flags, built by `create_model` (the caller passes timm's, or a stand-in).
 
@@ -76,7 +86,13 @@ def build_model(args: argparse.Namespace, create_model: Callable[..., nn.Module]
                  drop_block_rate=args.drop_block, bn_momentum=args.bn_momentum, bn_eps=args.bn_eps)
     model_args = create_model_args(args.model, vars(args), pretrained_cfg_overlay=overlay or None, **flags,
                                    **args.model_kwargs)
-    model = create_model(**model_args, pretrained=args.pretrained, scriptable=args.torchscript)
+    try:
+        model = create_model(**model_args, pretrained=args.pretrained, scriptable=args.torchscript)
+    except TypeError as e:  # a keyword the model's class does not take (timm's script shows the traceback)
+        optional = ', '.join(f'{flag} sets {key}' for key, flag in MODEL_FLAG_KEYWORDS.items()
+                             if key in _OPTIONAL_MODEL_KEYWORDS)
+        raise ConfigError(f'--model {args.model} cannot be built with the arguments given ({e}); drop that keyword '
+                          f'from --model-kwargs, or the flag that sets it ({optional})') from e
     if args.initial_checkpoint:  # as create_model(checkpoint_path=...) would, with a misfit named
         try:
             load_checkpoint(model, args.initial_checkpoint)

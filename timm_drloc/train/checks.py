@@ -24,7 +24,7 @@ from timm.task.evaluator import ClassificationEvaluator, MultiLabelClassificatio
 from timm_drloc.errors import ConfigError
 from timm_drloc.settings import check_drloc_args, ignored_drloc_flags
 
-from .build import is_folder_dataset, mixup_active, split_folders, train_loss
+from .build import MODEL_FLAG_KEYWORDS, is_folder_dataset, mixup_active, split_folders, train_loss
 from .checkpoints import check_checkpoint_file
 from .publish import check_push_args
 
@@ -163,20 +163,12 @@ def _check_combinations(args: argparse.Namespace) -> None:
             raise ConfigError(message)
 
 
-# create_model keywords that the run sets from flags of their own (build_model): a --model-kwargs entry repeating one
-# would reach create_model twice (timm's train.py fails there with a TypeError)
-_MODEL_FLAG_KEYWORDS = {
-    'num_classes': '--num-classes', 'global_pool': '--gp', 'drop_rate': '--drop', 'drop_path_rate': '--drop-path',
-    'drop_block_rate': '--drop-block', 'bn_momentum': '--bn-momentum', 'bn_eps': '--bn-eps',
-    'pretrained': '--pretrained', 'scriptable': '--torchscript', 'pretrained_cfg_overlay': '--pretrained-cfg-overlay',
-}
-
-
 def _check_model_kwargs(args: argparse.Namespace) -> None:
-    """--model-kwargs may not set what a model flag sets."""
+    """--model-kwargs may not set what a model flag sets: the keyword would reach create_model twice (timm's
+    train.py fails there with a TypeError)."""
     for key, value in args.model_kwargs.items():
-        if key in _MODEL_FLAG_KEYWORDS:
-            flag = _MODEL_FLAG_KEYWORDS[key]
+        if key in MODEL_FLAG_KEYWORDS:
+            flag = MODEL_FLAG_KEYWORDS[key]
             raise ConfigError(f'--model-kwargs {key}={value} sets what {flag} sets (the run passes {key} to '
                               f'create_model from {flag}); drop it from --model-kwargs and use {flag}')
 
