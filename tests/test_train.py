@@ -18,7 +18,7 @@ from timm.utils import load_checkpoint_metadata
 
 import timm_drloc.train as train
 from timm_drloc import unwrap
-from timm_drloc.errors import ExitCode
+from timm_drloc.errors import ConfigError, ExitCode
 
 pytestmark = pytest.mark.training_run  # trains: left out of the core modules' mutation run
 
@@ -129,6 +129,18 @@ def _capture_resume(monkeypatch, captured):
         return epoch
     monkeypatch.setattr(train.checkpoints, 'resume_task_checkpoint', resume)
 
+
+def test_resume_with_other_head_settings_names_the_flags_that_differ(monkeypatch, tmp_path, image_folder):
+    _run(monkeypatch, _argv(image_folder, tmp_path, 'heads', '--epochs', '1', '--drloc-lambda', '0.5',
+                            '--drloc-hidden-dim', '32'))
+    last = tmp_path / 'heads' / 'last.pth.tar'
+    with pytest.raises(ConfigError) as error:
+        _run(monkeypatch, _argv(image_folder, tmp_path, 'heads2', '--epochs', '2', '--drloc-lambda', '0.5',
+                                '--drloc-hidden-dim', '16', '--drloc-mode', 'ce', '--resume', str(last)))
+    message = str(error.value)
+    assert message.startswith(f'--resume {last} does not fit this run (Error(s) in loading state_dict for ModuleList: ')
+    assert message.endswith('; it was trained with --drloc-mode l1 (this run: ce), --drloc-hidden-dim 32 (this run: '
+                            '16); use it with the flags it was trained with (see args.yaml next to it)')
 
 @pytest.mark.slow
 def test_resume_restores_heads_optimizer_and_lambda_schedule(monkeypatch, tmp_path, image_folder):

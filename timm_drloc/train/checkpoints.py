@@ -24,7 +24,7 @@ from timm.task import TrainingTask, resume_task_checkpoint
 from timm.utils import NativeScaler
 from timm.utils.model import unwrap_model
 
-from timm_drloc.checkpoint import is_weights_only, read_checkpoint
+from timm_drloc.checkpoint import is_weights_only, read_checkpoint, saved_args
 from timm_drloc.errors import CheckpointError, ConfigError
 from timm_drloc.summary import SUMMARY_FILE
 
@@ -213,10 +213,23 @@ def check_checkpoint_file(flag: str, path: str) -> None:
                           f'written by training (an earlier checkpoint-N.pth.tar if this one is damaged)')
 
 
-def checkpoint_misfit(flag: str, path: str, error: Exception) -> ConfigError:
-    """The error for a readable checkpoint whose weights do not fit the model (another architecture or size)."""
-    return ConfigError(f'{flag} {path} does not fit this run ({str(error).splitlines()[0]}); use it with the flags '
-                       f'it was trained with (see args.yaml next to it)')
+# the flags that shape what a checkpoint holds: the model, the DRLoc heads, the optimizer's parameter groups
+_SHAPING_FLAGS = ('model', 'model_kwargs', 'num_classes', 'in_chans', 'img_size', 'input_size', 'opt', 'drloc_lambda',
+                  'drloc_mode', 'drloc_signed', 'drloc_hidden_dim', 'drloc_multiscale', 'drloc_layers')
+
+
+def checkpoint_misfit(flag: str, path: str, error: Exception,
+                      run_args: Optional[argparse.Namespace] = None) -> ConfigError:
+    """The error for a readable checkpoint whose weights do not fit the model (another architecture or size), or
+    whose heads or optimizer state do not fit this run's; with `run_args`, it names the shaping flags whose values
+    differ from the ones saved in the checkpoint."""
+    detail = ' '.join(line.strip() for line in str(error).splitlines()[:2])  # state_dict errors: the first misfit
+    saved = saved_args(read_checkpoint(path)) if run_args is not None else {}
+    differing = [f'--{key.replace("_", "-")} {saved[key]} (this run: {getattr(run_args, key)})'
+                 for key in _SHAPING_FLAGS if key in saved and saved[key] != getattr(run_args, key, saved[key])]
+    trained = f'; it was trained with {", ".join(differing)}' if differing else ''
+    return ConfigError(f'{flag} {path} does not fit this run ({detail}){trained}; use it with the flags it was '
+                       f'trained with (see args.yaml next to it)')
 
 
 @dataclass
@@ -294,7 +307,7 @@ def load_resume_point(point: ResumePoint, args: argparse.Namespace, task: Traini
     try:
         point.epoch, point.ema = _load(point.path, args, task, optimizer, loss_scaler)
     except (RuntimeError, ValueError, KeyError) as e:  # another model, other DRLoc heads, other optimizer
-        raise checkpoint_misfit('--resume', point.path, e) from e
+        raise checkpoint_misfit('--resume', point.path, e, args) from e
 
 
 def _load(path: str, args: argparse.Namespace, task: TrainingTask, optimizer: torch.optim.Optimizer,
