@@ -220,6 +220,18 @@ def test_export_with_model_kwargs_naming_the_class_count_builds_that_model(run, 
     with pytest.raises(ValueError, match='size mismatch for head.weight'):  # the weights name 3 classes, not 5
         hub.export(run.dir / 'last.pth.tar', tmp_path / 'export5', model_kwargs={'num_classes': 5})
 
+def test_a_model_whose_blocks_share_a_module_exports_and_loads_with_the_same_logits(tmp_path):
+    torch.manual_seed(0)
+    model = timm.create_model('coat_lite_tiny', num_classes=3, img_size=64).eval()
+    assert model.cpe1 is model.serial_blocks1[0].cpe  # CoaT: the blocks of a stage share their positional conv
+    out = hub.export(model, tmp_path / 'export')  # safetensors refuses tensors that share memory
+    loaded = timm.create_model(f'local-dir:{out}', pretrained=True).eval()
+    assert loaded.cpe1.proj.weight is loaded.serial_blocks1[0].cpe.proj.weight
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x))
+    assert model.cpe1 is model.serial_blocks1[0].cpe  # the model exported is left as it was
+
 def test_export_into_non_empty_folder_needs_overwrite(run, tmp_path):
     out = tmp_path / 'export'
     out.mkdir()

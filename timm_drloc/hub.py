@@ -27,6 +27,7 @@ What is timm's here, and why the rest is not:
 Training runs publish with `--push-to-hub` (timm_drloc.train.publish); `timm-drloc export` is `export_main`.
 """
 import argparse
+import copy
 import logging
 import os
 import shutil
@@ -95,6 +96,35 @@ def _plain_model(obj: nn.Module, use_ema: bool) -> nn.Module:
         raise ValueError(f"export() needs a timm model (made by timm.create_model); got {type(model).__name__}. "
                          f"Wrap a timm model, or export one of its training checkpoints.")
     return model
+
+
+def _untied(model: nn.Module) -> nn.Module:
+    """`model`, or where it uses a module, parameter or buffer in several places (CoaT's positional convolutions,
+    shared by the blocks of a stage), a copy in which each place holds its own clone. safetensors refuses tensors
+    that share memory; timm's loader fills each place from its own key, which gives the shared one its value."""
+    pointers = [t.data_ptr() for t in model.state_dict(keep_vars=True).values() if t.numel()]
+    if len(pointers) == len(set(pointers)):
+        return model
+    copy_ = copy.deepcopy(model)
+    _untie(copy_, set(), set())
+    return copy_
+
+
+def _untie(module: nn.Module, seen_modules: set, seen_tensors: set) -> None:
+    """Give every second and later use of a submodule, parameter or buffer inside `module` its own copy."""
+    for store in (module._parameters, module._buffers):
+        for name, tensor in store.items():
+            if tensor is not None and id(tensor) in seen_tensors:
+                clone = tensor.detach().clone()
+                store[name] = nn.Parameter(clone, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else clone
+            seen_tensors.add(id(store[name]))
+    for name, child in module._modules.items():
+        if child is None:
+            continue
+        if id(child) in seen_modules:
+            child = module._modules[name] = copy.deepcopy(child)
+        seen_modules.add(id(child))
+        _untie(child, seen_modules, seen_tensors)
 
 
 def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
@@ -177,7 +207,7 @@ def export(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f'.{out_dir.name}.', dir=out_dir.parent))
     try:
-        save_for_hf(model, str(staging), model_config=model_config, safe_serialization=True,
+        save_for_hf(_untied(model), str(staging), model_config=model_config, safe_serialization=True,
                     data_config=data_config)
         resolved = {'input_size': tuple(_read_pretrained_cfg(staging).get('input_size', ()))}
         (staging / 'README.md').write_text(
