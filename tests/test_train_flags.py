@@ -577,8 +577,25 @@ def test_one_class_data_dir_is_rejected(monkeypatch, tmp_path, image_folder_fact
     data = image_folder_factory(num_classes=1)
     monkeypatch.setattr(train.loop, 'train_one_epoch', _no_training)
     monkeypatch.setattr('sys.argv', ['train_drloc.py', *_vit_args(data), '--output', str(tmp_path / 'out')])
-    with pytest.raises(ValueError, match='has 1 class folder'):
+    with pytest.raises(ValueError, match=r"has 1 class in train/ \('class_0': timm names a class after the folder"):
         train.main()
+
+
+def test_class_folders_whose_images_sit_in_same_named_subfolders_are_one_class_and_the_error_says_why(
+        monkeypatch, tmp_path, image_folder_factory):
+    data = image_folder_factory()
+    for split in ('train', 'validation'):
+        for folder in (data / split).iterdir():  # class_i/<n>.png -> class_i/images/<n>.png
+            (folder / 'images').mkdir()
+            for image in folder.glob('*.png'):
+                image.rename(folder / 'images' / image.name)
+    monkeypatch.setattr(train.loop, 'train_one_epoch', _no_training)
+    monkeypatch.setattr('sys.argv', ['train_drloc.py', *_vit_args(data), '--output', str(tmp_path / 'out')])
+    with pytest.raises(ValueError) as error:
+        train.main()
+    assert str(error.value) == (f"{data} has 1 class in train/ ('images': timm names a class after the folder that "
+                                f"holds its images, nested folders of the same name are one class); classification "
+                                f"needs at least 2")
 
 
 def test_resume_auto_needs_an_experiment(monkeypatch, tmp_path, image_folder, capsys):

@@ -377,8 +377,10 @@ def _check_num_classes(args: argparse.Namespace, class_to_idx: Optional[Dict[str
     if not class_to_idx:
         return
     if len(class_to_idx) < 2:
-        raise ConfigError(f'{args.data_dir} has {len(class_to_idx)} class folder(s) in {args.train_split}/; '
-                          f'classification needs at least 2')
+        raise ConfigError(f'{args.data_dir} has {len(class_to_idx)} class in {args.train_split}/ '
+                          f'({", ".join(map(repr, class_to_idx))}: timm names a class after the folder that holds '
+                          f'its images, nested folders of the same name are one class); classification needs at '
+                          f'least 2')
     if args.num_classes is not None and len(class_to_idx) > args.num_classes:
         raise ConfigError(f'the data has {len(class_to_idx)} classes but the model has {args.num_classes} outputs; '
                           f'pass --num-classes {len(class_to_idx)}')
