@@ -378,6 +378,8 @@ def test_criterion_follows_task_and_loss_flags(monkeypatch):
     (['--task', 'multilabel', '--loss', 'twoway', '--mixup', '0.5'], 'does not support Mixup'),
     (['--task', 'multilabel', '--loss-pos-weight', 'neg_pos'], 'requires class stats'),
     (['--task', 'multilabel', '--kd-model-name', 'resnet18'], 'cannot be combined with --task multilabel'),
+    (['--kd-model-name', 'not_a_model'], "--kd-model-name not_a_model: unknown model 'not_a_model', timm has no "
+                                         "architecture of that name"),
 ])
 def test_bad_task_and_loss_flags_exit_at_parse_time(monkeypatch, capsys, argv, message):
     with pytest.raises(SystemExit) as exc:
@@ -463,6 +465,10 @@ BAD_INPUT = {
     'a model keyword the model does not take': (lambda d, t: _vit_args(d, model_kwargs=(
         'img_size=32', 'patch_size=8', 'depth=1', 'embed_dim=32', 'num_heads=2', 'window_size=4')),
         "got an unexpected keyword argument 'window_size'); drop that keyword from --model-kwargs"),
+    'a teacher folder that does not exist': (lambda d, t: _vit_args(d, '--kd-model-name', f'local-dir:{t}/gone'),
+                                             '--kd-model-name local-dir:{t}/gone: cannot load the teacher (Config file '
+                                             'not found: {t}/gone/config.json); give a model whose pretrained weights '
+                                             'can be downloaded or are in the Hugging Face cache, or local-dir:FOLDER'),
     'eval metric the task does not report': (lambda d, t: _vit_args(d, '--task', 'multilabel', '--eval-metric', 'top1'),
                                              '--eval-metric top1 is not reported by multilabel evaluation; use one of '
                                              'loss, map'),

@@ -122,18 +122,18 @@ def classifier_size(model_name: str, state_dict: Dict[str, torch.Tensor]) -> Opt
     return int(weight.shape[0]) if weight is not None else None
 
 
-def check_model_name(model_name: str) -> None:
+def check_model_name(model_name: str, flag: str = '--model') -> None:
     """Ask timm whether it can build `model_name` (a registered name, or an hf-hub: / local-dir: source).
 
     Raises:
-        UnknownModelError: naming the model.
+        UnknownModelError: naming the model and the `flag` that gave it.
     """
     try:
         source, name = parse_model_name(model_name)
     except ValueError as e:  # a path or repo id without its source prefix, an unknown prefix
-        raise UnknownModelError(f"--model {model_name}: {e}") from e
+        raise UnknownModelError(f"{flag} {model_name}: {e}") from e
     if source is None and not is_model(split_model_name_tag(name)[0]):
-        raise UnknownModelError(f"--model {model_name}: unknown model '{model_name}', timm has no architecture of "
+        raise UnknownModelError(f"{flag} {model_name}: unknown model '{model_name}', timm has no architecture of "
                                 f"that name; timm.list_models('*pattern*') lists them")
 
 

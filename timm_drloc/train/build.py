@@ -265,6 +265,11 @@ def _distillation_task(args: argparse.Namespace, model: nn.Module, criterion: nn
                                      **common)
     except ValueError as e:  # timm's refusals: a student without a distillation token, a loss type it lacks
         raise ConfigError(f'--kd-distill-type {args.kd_distill_type} with --model {args.model}: {e}') from e
+    except OSError as e:  # no such local-dir folder; pretrained weights neither cached nor downloadable
+        raise ConfigError(f'--kd-model-name {args.kd_model_name}: cannot load the teacher '
+                          f'({str(e).splitlines()[0]}); give a model whose pretrained weights can be downloaded or '
+                          f'are in the Hugging Face cache, or local-dir:FOLDER, a folder in timm\'s Hub format (what '
+                          f'timm-drloc export writes)') from e
 
 
 # what the command line does instead of the API fix each grid error names

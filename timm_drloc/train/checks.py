@@ -21,6 +21,7 @@ import torch
 from timm import utils
 from timm.task.evaluator import ClassificationEvaluator, MultiLabelClassificationEvaluator
 
+from timm_drloc.checkpoint import check_model_name
 from timm_drloc.errors import ConfigError
 from timm_drloc.settings import check_drloc_args, ignored_drloc_flags
 
@@ -113,6 +114,8 @@ def _check_loss(args: argparse.Namespace) -> None:
                           'add --task multilabel')
     if multi_label and args.kd_model_name:
         raise ConfigError('--kd-model-name distills single-label logits; it cannot be combined with --task multilabel')
+    if args.kd_model_name:
+        check_model_name(args.kd_model_name, '--kd-model-name')
     for switch, loss in (('--bce-loss', 'bce'), ('--jsd-loss', 'jsd')):
         if getattr(args, switch[2:].replace('-', '_')):
             if args.loss not in (None, loss):
