@@ -469,6 +469,15 @@ BAD_INPUT = {
                                              '--kd-model-name local-dir:{t}/gone: cannot load the teacher (Config file '
                                              'not found: {t}/gone/config.json); give a model whose pretrained weights '
                                              'can be downloaded or are in the Hugging Face cache, or local-dir:FOLDER'),
+    'pretrained weights file missing': (lambda d, t: _vit_args(d, '--pretrained', '--pretrained-path',
+                                                               str(t / 'gone.safetensors')),
+                                        '--pretrained-path {t}/gone.safetensors: no such file'),
+    'pretrained weights file damaged': (lambda d, t: _vit_args(d, '--pretrained', '--pretrained-path', str(
+        _write(t / 'bad.safetensors', b'not safetensors'))), '--pretrained-path {t}/bad.safetensors: cannot read this'),
+    'pretrained weights of another size': (lambda d, t: _vit_args(d, '--pretrained', '--pretrained-path', str(
+        _vit_weights(t / 'wide.safetensors', embed_dim=48))),
+        '--model vit_tiny_patch16_224 --pretrained: --pretrained-path {t}/wide.safetensors do not fit the model '
+        '(Error(s) in loading state_dict for VisionTransformer: size mismatch for'),
     'eval metric the task does not report': (lambda d, t: _vit_args(d, '--task', 'multilabel', '--eval-metric', 'top1'),
                                              '--eval-metric top1 is not reported by multilabel evaluation; use one of '
                                              'loss, map'),
@@ -514,14 +523,30 @@ def _create_model_kwargs(monkeypatch, *argv) -> dict:
     return exc.value.args[0]
 
 
-def test_pretrained_cfg_overlay_reaches_create_model_over_pretrained_path(monkeypatch):
+def test_pretrained_cfg_overlay_reaches_create_model_over_pretrained_path(monkeypatch, tmp_path):
+    weights = tmp_path / 'w.pth'
+    torch.save({'fc.bias': torch.zeros(10)}, weights)  # a weights file: --pretrained reads it
     # no data dir: as in timm 1.0.31 the model is created before the data dir is checked
-    kwargs = _create_model_kwargs(monkeypatch, '--model', 'resnet18', '--pretrained', '--pretrained-path', 'w.pth',
+    kwargs = _create_model_kwargs(monkeypatch, '--model', 'resnet18', '--pretrained', '--pretrained-path', str(weights),
                                   '--pretrained-cfg-overlay', 'num_classes=10', 'custom_load=True')
     cfg = kwargs['pretrained_cfg']
-    assert (cfg['file'], cfg['num_classes'], cfg['custom_load']) == ('w.pth', 10, True)
+    assert (cfg['file'], cfg['num_classes'], cfg['custom_load']) == (str(weights), 10, True)
     assert cfg['architecture'] == 'resnet18' and kwargs['pretrained'] is True
 
+
+def test_pretrained_weights_that_the_hub_cannot_give_offline_exit_2_naming_the_fix(monkeypatch, tmp_path, image_folder,
+                                                                                   caplog):
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    def create_model(*args, **kwargs):  # what timm raises for --pretrained with no network and no cached weights
+        raise LocalEntryNotFoundError('Cannot find the requested files in the local cache.')
+    monkeypatch.setattr(train, 'create_model', create_model)
+    with pytest.raises(SystemExit) as exc:
+        train.run([*_vit_args(image_folder, '--pretrained'), '--output', str(tmp_path)])
+    assert exc.value.code == 2
+    assert ("--model vit_tiny_patch16_224 --pretrained: cannot load its pretrained weights (Cannot find the requested "
+            "files in the local cache.); give --pretrained-path a weights file, or run where the weights can be "
+            "downloaded or are in the Hugging Face cache") in caplog.text
 
 def test_pretrained_path_alone_adapts_the_classifier(monkeypatch):
     cfg = _create_model_kwargs(monkeypatch, '--model', 'resnet18', '--pretrained-path', 'w.pth')['pretrained_cfg']
@@ -554,6 +579,16 @@ def _plain_checkpoint(tmp_path: Path) -> Path:
                               embed_dim=32, num_heads=2)
     path = tmp_path / 'plain.pth.tar'
     torch.save({'epoch': 0, 'version': 2, 'state_dict': model.state_dict()}, path)
+    return path
+
+
+def _vit_weights(path: Path, embed_dim: int) -> Path:
+    """A safetensors file of the tiny ViT's weights at another width."""
+    import safetensors.torch
+    import timm
+    model = timm.create_model('vit_tiny_patch16_224', num_classes=3, img_size=32, patch_size=8, depth=1,
+                              embed_dim=embed_dim, num_heads=2)
+    safetensors.torch.save_file(model.state_dict(), str(path))
     return path
 
 

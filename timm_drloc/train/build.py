@@ -93,6 +93,16 @@ def build_model(args: argparse.Namespace, create_model: Callable[..., nn.Module]
                              if key in _OPTIONAL_MODEL_KEYWORDS)
         raise ConfigError(f'--model {args.model} cannot be built with the arguments given ({e}); drop that keyword '
                           f'from --model-kwargs, or the flag that sets it ({optional})') from e
+    except OSError as e:  # --pretrained: the weights are neither cached nor downloadable (offline), or not readable
+        raise ConfigError(f'--model {args.model} --pretrained: cannot load {_pretrained_weights(args)} '
+                          f'({_first_line(e)}); give --pretrained-path a weights file, or run where the weights can '
+                          f'be downloaded or are in the Hugging Face cache') from e
+    except RuntimeError as e:  # pretrained weights of another architecture or size
+        if not args.pretrained:
+            raise
+        raise ConfigError(f'--model {args.model} --pretrained: {_pretrained_weights(args)} do not fit the model '
+                          f'({_first_line(e, 2)}); give weights of this architecture, or --model-kwargs that build '
+                          f'the model they were trained as') from e
     if args.initial_checkpoint:  # as create_model(checkpoint_path=...) would, with a misfit named
         try:
             load_checkpoint(model, args.initial_checkpoint)
@@ -115,6 +125,16 @@ def build_model(args: argparse.Namespace, create_model: Callable[..., nn.Module]
         _logger.info(f'Model {safe_model_name(args.model)} created, param count: '
                      f'{sum(p.numel() for p in model.parameters())}')
     return model
+
+
+def _pretrained_weights(args: argparse.Namespace) -> str:
+    """The weights --pretrained loads, in words."""
+    return f'--pretrained-path {args.pretrained_path}' if args.pretrained_path else 'its pretrained weights'
+
+
+def _first_line(error: Exception, lines: int = 1) -> str:
+    """The first lines of an error's message (a state_dict error: its heading and first misfit), or its type."""
+    return ' '.join(line.strip() for line in str(error).splitlines()[:lines]) or type(error).__name__
 
 
 def place_model(args: argparse.Namespace, model: nn.Module, device: torch.device,

@@ -196,7 +196,8 @@ def is_recovery(path: str) -> bool:
 
 
 def check_checkpoint_file(flag: str, path: str) -> None:
-    """The checks --resume and --initial-checkpoint share: a file that exists and loads without running code.
+    """The checks --resume, --initial-checkpoint and --pretrained-path share: a file that exists and loads without
+    running code.
 
     Raises:
         ConfigError: naming the flag, the path and what to give instead.

@@ -200,9 +200,11 @@ def check_inputs(args: argparse.Namespace) -> Tuple[Optional[str], Optional[str]
     _check_output(args)
     if args.resume and args.resume != 'auto':
         check_checkpoint_file('--resume', args.resume)
-    numpy_weights = os.path.splitext(args.initial_checkpoint)[1].lower() in ('.npz', '.npy')  # model-specific
-    if args.initial_checkpoint and not numpy_weights:
-        check_checkpoint_file('--initial-checkpoint', args.initial_checkpoint)
+    pretrained_path = args.pretrained_path if args.pretrained else None  # read only with --pretrained
+    for flag, path in (('--initial-checkpoint', args.initial_checkpoint), ('--pretrained-path', pretrained_path)):
+        numpy_weights = os.path.splitext(path or '')[1].lower() in ('.npz', '.npy')  # model-specific: timm reads them
+        if path and not numpy_weights:
+            check_checkpoint_file(flag, path)
     check_push_args(args)  # no token: refuse now, not after hours of training
     for module in args.device_modules or ():
         importlib.import_module(module)
