@@ -478,6 +478,9 @@ BAD_INPUT = {
         _vit_weights(t / 'wide.safetensors', embed_dim=48))),
         '--model vit_tiny_patch16_224 --pretrained: --pretrained-path {t}/wide.safetensors do not fit the model '
         '(Error(s) in loading state_dict for VisionTransformer: size mismatch for'),
+    'class map file missing': (lambda d, t: _vit_args(d, '--class-map', str(t / 'classes.txt')),
+                               '--class-map {t}/classes.txt: no such file; give a text file with one class folder '
+                               'name per line'),
     'eval metric the task does not report': (lambda d, t: _vit_args(d, '--task', 'multilabel', '--eval-metric', 'top1'),
                                              '--eval-metric top1 is not reported by multilabel evaluation; use one of '
                                              'loss, map'),

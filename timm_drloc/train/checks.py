@@ -205,6 +205,9 @@ def check_inputs(args: argparse.Namespace) -> Tuple[Optional[str], Optional[str]
         numpy_weights = os.path.splitext(path or '')[1].lower() in ('.npz', '.npy')  # model-specific: timm reads them
         if path and not numpy_weights:
             check_checkpoint_file(flag, path)
+    if args.class_map and not os.path.isfile(args.class_map):
+        raise ConfigError(f'--class-map {args.class_map}: no such file; give a text file with one class folder name '
+                          f'per line, in class-index order')
     check_push_args(args)  # no token: refuse now, not after hours of training
     for module in args.device_modules or ():
         importlib.import_module(module)
