@@ -481,6 +481,12 @@ BAD_INPUT = {
     'class map file missing': (lambda d, t: _vit_args(d, '--class-map', str(t / 'classes.txt')),
                                '--class-map {t}/classes.txt: no such file; give a text file with one class folder '
                                'name per line'),
+    'a torchvision dataset not downloaded': (lambda d, t: _vit_args(d, '--dataset', 'torch/cifar10'),
+                                             '--dataset torch/cifar10 --data-dir {d}: Dataset not found or corrupted. '
+                                             'You can use download=True to download it; --dataset-download fetches a '
+                                             'dataset that can be downloaded'),
+    'a data dir that is a file of no images': (lambda d, t: _vit_args(_write(t / 'notes.txt', b'x')),
+                                               '--dataset (image folder) --data-dir {t}/notes.txt: Found 0 images'),
     'eval metric the task does not report': (lambda d, t: _vit_args(d, '--task', 'multilabel', '--eval-metric', 'top1'),
                                              '--eval-metric top1 is not reported by multilabel evaluation; use one of '
                                              'loss, map'),
@@ -551,6 +557,14 @@ def test_pretrained_weights_that_the_hub_cannot_give_offline_exit_2_naming_the_f
             "files in the local cache.); give --pretrained-path a weights file, or run where the weights can be "
             "downloaded or are in the Hugging Face cache") in caplog.text
 
+def test_a_dataset_whose_reader_package_is_missing_names_the_package(monkeypatch, tmp_path, image_folder):
+    monkeypatch.setitem(sys.modules, 'datasets', None)  # as where the Hugging Face datasets package is not installed
+    monkeypatch.setattr(train.loop, 'train_one_epoch', _no_training)
+    with pytest.raises(ValueError) as error:
+        train.main([*_vit_args(image_folder, '--dataset', 'hfds/some/repo'), '--output', str(tmp_path)])
+    assert str(error.value) == '--dataset hfds/some/repo needs the datasets package: pip install datasets'
+
+
 def test_pretrained_path_alone_adapts_the_classifier(monkeypatch):
     cfg = _create_model_kwargs(monkeypatch, '--model', 'resnet18', '--pretrained-path', 'w.pth')['pretrained_cfg']
     assert (cfg['file'], cfg['num_classes']) == ('w.pth', -1)
@@ -612,7 +626,7 @@ def test_bad_input_fails_before_training_with_a_clear_message(monkeypatch, tmp_p
                                      '--output', str(tmp_path / 'out'), '--experiment', 'bad'])
     with pytest.raises(ValueError) as exc:
         train.main()
-    assert message.format(t=tmp_path) in str(exc.value)
+    assert message.format(t=tmp_path, d=image_folder) in str(exc.value)
     assert not (tmp_path / 'out' / 'bad' / 'summary.csv').exists()
     assert not (tmp_path / 'marker.txt').exists(), 'a pickled object in a checkpoint ran code'
 

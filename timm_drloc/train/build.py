@@ -379,13 +379,18 @@ def build_datasets(args: argparse.Namespace, input_channels: int):
                                        repeats=args.epoch_repeats, num_samples=args.train_num_samples, **common)
         dataset_eval = create_dataset(args.dataset, split=args.val_split, is_training=False,
                                       num_samples=args.val_num_samples, **common) if args.val_split else None
-    except RuntimeError as e:  # timm's folder reader found no images: say which split folder is empty
+    except RuntimeError as e:  # no images in a folder, a dataset not downloaded: say which, and the fix
         folders = split_folders(args) if is_folder_dataset(args) and os.path.isdir(args.data_dir) else ()
         empty = [f for f in folders if f and not holds_images(f)]
-        if not empty:
-            raise
-        raise ConfigError(f'{empty[0]} holds no images ({e}); an image folder dataset holds '
-                          f'<root>/{args.train_split}/<class>/<image> and <root>/{args.val_split}/<class>/<image>') from e
+        if empty:
+            raise ConfigError(f'{empty[0]} holds no images ({e}); an image folder dataset holds <root>/'
+                              f'{args.train_split}/<class>/<image> and <root>/{args.val_split}/<class>/<image>') from e
+        download = '' if args.dataset_download or is_folder_dataset(args) else (
+            '; --dataset-download fetches a dataset that can be downloaded')
+        raise ConfigError(f'--dataset {args.dataset or "(image folder)"} --data-dir {args.data_dir}: '
+                          f'{_first_line(e)}{download}') from e
+    except ImportError as e:  # a reader whose package is not installed (hfds/, hfids/: datasets; wds/: webdataset)
+        raise ConfigError(f'--dataset {args.dataset} needs the {e.name} package: pip install {e.name}') from e
     readers = [getattr(d, 'reader', None) for d in (dataset_train, dataset_eval)]
     classes = [getattr(r, 'class_to_idx', None) for r in readers]
     if classes[0] and classes[1]:
