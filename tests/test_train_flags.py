@@ -487,6 +487,14 @@ BAD_INPUT = {
                                              'dataset that can be downloaded'),
     'a data dir that is a file of no images': (lambda d, t: _vit_args(_write(t / 'notes.txt', b'x')),
                                                '--dataset (image folder) --data-dir {t}/notes.txt: Found 0 images'),
+    'an optimizer timm does not have': (lambda d, t: _vit_args(d, '--opt', 'adamq'),
+                                        '--opt adamq: Optimizer adamq not found in registry; '
+                                        'timm.optim.list_optimizers() names the optimizers timm has'),
+    'an optimizer keyword it does not take': (lambda d, t: _vit_args(d, '--opt', 'adamw', '--opt-kwargs', 'foo=1'),
+                                              "--opt adamw --opt-kwargs {{'foo': 1}}: AdamW.__init__() got an "
+                                              "unexpected keyword argument 'foo'; drop what it does not take"),
+    'a schedule timm does not have': (lambda d, t: _vit_args(d, '--sched', 'cosin'),
+                                      "--sched cosin: Unknown scheduler 'cosin'."),
     'eval metric the task does not report': (lambda d, t: _vit_args(d, '--task', 'multilabel', '--eval-metric', 'top1'),
                                              '--eval-metric top1 is not reported by multilabel evaluation; use one of '
                                              'loss, map'),
@@ -749,6 +757,8 @@ def _main_before_the_model(monkeypatch, *argv):
     (['--std', '0.2', '0', '0.2'], '--std divides each channel, so every value must be a finite number > 0'),
     (['--img-size', '0'], '--img-size must be >= 1 (input size in pixels), got 0'),
     (['--start-epoch', '-1'], '--start-epoch must be >= 0'),
+    (['--interpolation', 'random'], '--interpolation random is not a mode timm resizes with (for training and '
+                                    'evaluation); use bilinear, bicubic, nearest, box, hamming or lanczos'),
     (['--aug-repeats', '-1'], '--aug-repeats must be a finite number >= 0 (times each image is repeated across the '
                               'processes), got -1.0'),
     (['--mixup', '0.8', '-b', '7'], 'mixup / cutmix mix each image of a batch with another one, so batch sizes must '

@@ -113,7 +113,12 @@ def _build_run(args: argparse.Namespace, args_text: str,
     loaders = build_loaders(args, data_config, dataset_train, dataset_eval, device, precision.model_dtype, patch_size)
     if not args.lr:
         args.lr = scaled_lr(args, loaders.batch_size_reference)
-    optimizer = create_optimizer_v2(task.get_trainable_module(), **optimizer_kwargs(cfg=args), **args.opt_kwargs)
+    try:
+        optimizer = create_optimizer_v2(task.get_trainable_module(), **optimizer_kwargs(cfg=args), **args.opt_kwargs)
+    except ValueError as e:  # an optimizer timm does not have
+        raise ConfigError(f'--opt {args.opt}: {e}; timm.optim.list_optimizers() names the optimizers timm has') from e
+    except TypeError as e:  # a keyword the optimizer does not take
+        raise ConfigError(f'--opt {args.opt} --opt-kwargs {args.opt_kwargs}: {e}; drop what it does not take') from e
     if utils.is_primary(args):
         settings = dict(copy.deepcopy(optimizer.defaults), weight_decay=args.weight_decay)
         _logger.info(f'Created {type(optimizer).__name__} ({args.opt}) optimizer: '
@@ -127,8 +132,11 @@ def _build_run(args: argparse.Namespace, args_text: str,
 
     eval_metric = args.eval_metric if loaders.eval is not None else 'loss'
     updates_per_epoch = (len(loaders.train) + args.grad_accum_steps - 1) // args.grad_accum_steps
-    lr_scheduler, num_epochs = create_scheduler_v2(
-        optimizer, **scheduler_kwargs(args, decreasing_metric=eval_metric == 'loss'), updates_per_epoch=updates_per_epoch)
+    try:
+        lr_scheduler, num_epochs = create_scheduler_v2(optimizer, **scheduler_kwargs(
+            args, decreasing_metric=eval_metric == 'loss'), updates_per_epoch=updates_per_epoch)
+    except ValueError as e:  # a schedule timm does not have, or settings it refuses
+        raise ConfigError(f'--sched {args.sched}: {e}') from e
     stop_at = _stop_epoch(args, num_epochs)
     if utils.is_primary(args):
         warn_unreached_lambda(args, num_epochs)

@@ -19,6 +19,7 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 from timm import utils
+from timm.data.transforms import str_to_interp_mode
 from timm.task.evaluator import ClassificationEvaluator, MultiLabelClassificationEvaluator
 
 from timm_drloc.checkpoint import check_model_name
@@ -94,6 +95,12 @@ def _check_numbers(args: argparse.Namespace) -> None:
         raise ConfigError(f'--stop-epoch {args.stop_epoch} is out of range: it counts completed epochs, use >= 1')
     if args.save_epochs and min(args.save_epochs) < 1:
         raise ConfigError(f'--save-epochs counts completed epochs, so each must be >= 1, got {args.save_epochs}')
+    if args.interpolation:  # '': the model's own; timm's train and eval transforms both take it
+        try:
+            str_to_interp_mode(args.interpolation)
+        except KeyError:
+            raise ConfigError(f'--interpolation {args.interpolation} is not a mode timm resizes with (for training and '
+                              f'evaluation); use bilinear, bicubic, nearest, box, hamming or lanczos') from None
     if not 0 <= args.smoothing < 1:
         raise ConfigError(f'--smoothing is the share of the target spread over the other classes, so it must be in '
                           f'[0, 1), got {args.smoothing}; timm uses 0.1')
