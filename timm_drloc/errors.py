@@ -23,6 +23,12 @@ class ConfigError(ValueError):
     found then (damaged images and a full disk are found later, and end with the same status)."""
 
 
+def first_lines(error: BaseException, lines: int = 1) -> str:
+    """The first `lines` of an error's message, joined on one line (a state_dict error: its heading and first
+    misfit), or the error's type where the message is empty: what a one-line ConfigError quotes of another error."""
+    return ' '.join(line.strip() for line in str(error).splitlines()[:lines]) or type(error).__name__
+
+
 class SettingError(ValueError):
     """A DRLoc setting whose value cannot work (a keyword of wrap() / DRLocTask, or its --drloc-* flag).
 

@@ -28,7 +28,8 @@ from timm.utils import NativeScaler
 from timm_drloc.checkpoint import create_model_args
 from timm_drloc.data import (
     check_first_images, check_same_classes, holds_images, name_unreadable_images, split_folder)
-from timm_drloc.errors import ConfigError, GridError, GridTooSmallError, ProbeError, SingleScaleError
+from timm_drloc.errors import (
+    ConfigError, GridError, GridTooSmallError, ProbeError, SingleScaleError, first_lines)
 from timm_drloc.head import HeadTooLargeError, check_head_memory, memory_text
 from timm_drloc.settings import drloc_kwargs, drloc_lambda_for_epoch
 from timm_drloc.task import DRLocTask
@@ -95,13 +96,13 @@ def build_model(args: argparse.Namespace, create_model: Callable[..., nn.Module]
                           f'from --model-kwargs, or the flag that sets it ({optional})') from e
     except OSError as e:  # --pretrained: the weights are neither cached nor downloadable (offline), or not readable
         raise ConfigError(f'--model {args.model} --pretrained: cannot load {_pretrained_weights(args)} '
-                          f'({_first_line(e)}); give --pretrained-path a weights file, or run where the weights can '
+                          f'({first_lines(e)}); give --pretrained-path a weights file, or run where the weights can '
                           f'be downloaded or are in the Hugging Face cache') from e
     except RuntimeError as e:  # pretrained weights of another architecture or size
         if not args.pretrained:
             raise
         raise ConfigError(f'--model {args.model} --pretrained: {_pretrained_weights(args)} do not fit the model '
-                          f'({_first_line(e, 2)}); give weights of this architecture, or --model-kwargs that build '
+                          f'({first_lines(e, 2)}); give weights of this architecture, or --model-kwargs that build '
                           f'the model they were trained as') from e
     if args.initial_checkpoint:  # as create_model(checkpoint_path=...) would, with a misfit named
         try:
@@ -130,11 +131,6 @@ def build_model(args: argparse.Namespace, create_model: Callable[..., nn.Module]
 def _pretrained_weights(args: argparse.Namespace) -> str:
     """The weights --pretrained loads, in words."""
     return f'--pretrained-path {args.pretrained_path}' if args.pretrained_path else 'its pretrained weights'
-
-
-def _first_line(error: Exception, lines: int = 1) -> str:
-    """The first lines of an error's message (a state_dict error: its heading and first misfit), or its type."""
-    return ' '.join(line.strip() for line in str(error).splitlines()[:lines]) or type(error).__name__
 
 
 def place_model(args: argparse.Namespace, model: nn.Module, device: torch.device,
@@ -287,7 +283,7 @@ def _distillation_task(args: argparse.Namespace, model: nn.Module, criterion: nn
         raise ConfigError(f'--kd-distill-type {args.kd_distill_type} with --model {args.model}: {e}') from e
     except OSError as e:  # no such local-dir folder; pretrained weights neither cached nor downloadable
         raise ConfigError(f'--kd-model-name {args.kd_model_name}: cannot load the teacher '
-                          f'({str(e).splitlines()[0]}); give a model whose pretrained weights can be downloaded or '
+                          f'({first_lines(e)}); give a model whose pretrained weights can be downloaded or '
                           f'are in the Hugging Face cache, or local-dir:FOLDER, a folder in timm\'s Hub format (what '
                           f'timm-drloc export writes)') from e
 
@@ -388,7 +384,7 @@ def build_datasets(args: argparse.Namespace, input_channels: int):
         download = '' if args.dataset_download or is_folder_dataset(args) else (
             '; --dataset-download fetches a dataset that can be downloaded')
         raise ConfigError(f'--dataset {args.dataset or "(image folder)"} --data-dir {args.data_dir}: '
-                          f'{_first_line(e)}{download}') from e
+                          f'{first_lines(e)}{download}') from e
     except ImportError as e:  # a reader whose package is not installed (hfds/, hfids/: datasets; wds/: webdataset)
         raise ConfigError(f'--dataset {args.dataset} needs the {e.name} package: pip install {e.name}') from e
     readers = [getattr(d, 'reader', None) for d in (dataset_train, dataset_eval)]

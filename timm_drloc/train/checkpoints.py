@@ -25,7 +25,7 @@ from timm.utils import NativeScaler
 from timm.utils.model import unwrap_model
 
 from timm_drloc.checkpoint import is_weights_only, read_checkpoint, saved_args
-from timm_drloc.errors import CheckpointError, ConfigError
+from timm_drloc.errors import CheckpointError, ConfigError, first_lines
 from timm_drloc.summary import SUMMARY_FILE
 
 _logger = logging.getLogger('train_drloc')
@@ -224,13 +224,12 @@ def checkpoint_misfit(flag: str, path: str, error: Exception,
     """The error for a readable checkpoint whose weights do not fit the model (another architecture or size), or
     whose heads or optimizer state do not fit this run's; with `run_args`, it names the shaping flags whose values
     differ from the ones saved in the checkpoint."""
-    detail = ' '.join(line.strip() for line in str(error).splitlines()[:2])  # state_dict errors: the first misfit
     saved = saved_args(read_checkpoint(path)) if run_args is not None else {}
     differing = [f'--{key.replace("_", "-")} {saved[key]} (this run: {getattr(run_args, key)})'
                  for key in _SHAPING_FLAGS if key in saved and saved[key] != getattr(run_args, key, saved[key])]
     trained = f'; it was trained with {", ".join(differing)}' if differing else ''
-    return ConfigError(f'{flag} {path} does not fit this run ({detail}){trained}; use it with the flags it was '
-                       f'trained with (see args.yaml next to it)')
+    return ConfigError(f'{flag} {path} does not fit this run ({first_lines(error, 2)}){trained}; use it with the '
+                       f'flags it was trained with (see args.yaml next to it)')
 
 
 @dataclass
